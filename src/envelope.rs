@@ -57,7 +57,12 @@ pub struct Sealed {
 
 impl std::fmt::Debug for Sealed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Sealed({:?}, {} bytes)", self.wrapped, self.ciphertext.len())
+        write!(
+            f,
+            "Sealed({:?}, {} bytes)",
+            self.wrapped,
+            self.ciphertext.len()
+        )
     }
 }
 
@@ -176,7 +181,12 @@ pub struct Envelope {
 impl Envelope {
     /// `active` is the root key version new DEKs are wrapped under.
     pub fn new(root: Arc<dyn RootOfTrust>, active: u32, cache: DekCache) -> Self {
-        Envelope { root, cache, active: AtomicU32::new(active), root_calls: AtomicU64::new(0) }
+        Envelope {
+            root,
+            cache,
+            active: AtomicU32::new(active),
+            root_calls: AtomicU64::new(0),
+        }
     }
 
     pub fn root(&self) -> &Arc<dyn RootOfTrust> {
@@ -205,22 +215,41 @@ impl Envelope {
     pub fn seal(&self, binding: &Binding, plaintext: &[u8]) -> Result<Sealed, EnvelopeError> {
         let dek = Dek::generate();
         self.root_calls.fetch_add(1, Ordering::Relaxed);
-        let wrapped = self.root.wrap(self.active_version(), &dek, binding.as_bytes())?;
+        let wrapped = self
+            .root
+            .wrap(self.active_version(), &dek, binding.as_bytes())?;
         let mut nonce = [0u8; NONCE_LEN];
         rand::rngs::OsRng.fill_bytes(&mut nonce);
         let ciphertext = aead(&dek)
-            .encrypt(Nonce::from_slice(&nonce), Payload { msg: plaintext, aad: binding.as_bytes() })
+            .encrypt(
+                Nonce::from_slice(&nonce),
+                Payload {
+                    msg: plaintext,
+                    aad: binding.as_bytes(),
+                },
+            )
             .map_err(|_| EnvelopeError::Integrity)?;
         self.cache.insert(binding.as_bytes(), dek, Instant::now());
-        Ok(Sealed { wrapped, nonce, ciphertext })
+        Ok(Sealed {
+            wrapped,
+            nonce,
+            ciphertext,
+        })
     }
 
     /// Opens a sealed value stored at `binding`.
-    pub fn open(&self, binding: &Binding, sealed: &Sealed) -> Result<Zeroizing<Vec<u8>>, EnvelopeError> {
+    pub fn open(
+        &self,
+        binding: &Binding,
+        sealed: &Sealed,
+    ) -> Result<Zeroizing<Vec<u8>>, EnvelopeError> {
         let dek = self.dek(binding, &sealed.wrapped)?;
         match aead(&dek).decrypt(
             Nonce::from_slice(&sealed.nonce),
-            Payload { msg: &sealed.ciphertext, aad: binding.as_bytes() },
+            Payload {
+                msg: &sealed.ciphertext,
+                aad: binding.as_bytes(),
+            },
         ) {
             Ok(pt) => Ok(Zeroizing::new(pt)),
             Err(_) => Err(EnvelopeError::Integrity),
@@ -241,7 +270,12 @@ impl Envelope {
 
     /// Re-wraps a sealed value's DEK under root key `to` (the ciphertext is
     /// unchanged). Used by root rotation.
-    pub fn rewrap(&self, binding: &Binding, wrapped: &WrappedDek, to: u32) -> Result<WrappedDek, EnvelopeError> {
+    pub fn rewrap(
+        &self,
+        binding: &Binding,
+        wrapped: &WrappedDek,
+        to: u32,
+    ) -> Result<WrappedDek, EnvelopeError> {
         let dek = self.dek(binding, wrapped)?;
         self.root_calls.fetch_add(1, Ordering::Relaxed);
         Ok(self.root.wrap(to, &dek, binding.as_bytes())?)
@@ -278,7 +312,13 @@ mod tests {
 
     #[test]
     fn bindings_are_unambiguous() {
-        assert_ne!(Binding::new("secret", "ab", 1), Binding::new("secreta", "b", 1));
-        assert_ne!(Binding::new("secret", "a", 1), Binding::new("secret", "a", 2));
+        assert_ne!(
+            Binding::new("secret", "ab", 1),
+            Binding::new("secreta", "b", 1)
+        );
+        assert_ne!(
+            Binding::new("secret", "a", 1),
+            Binding::new("secret", "a", 2)
+        );
     }
 }

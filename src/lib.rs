@@ -3,13 +3,26 @@
 //! See `docs/ARCHITECTURE.md` for the map. Layers, bottom up: [`root`]
 //! (PKCS#11 / TPM), [`store`] (sled trees), [`envelope`] (DEKs, AES-256-GCM,
 //! DEK cache), [`secrets`] (versioned KV), [`name`] (the name grammar).
-#![forbid(unsafe_code)]
-#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+#![deny(unsafe_code)]
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
 
-pub mod root;
-pub mod testkit;
-pub mod testkit_hsm;
 pub mod envelope;
+pub mod hardening;
 pub mod name;
+pub mod root;
 pub mod secrets;
 pub mod store;
+pub mod testkit;
+pub mod testkit_hsm;
+// WIP pub mod api;
+pub mod config;
+// WIP pub mod daemon;
+pub mod exit;
+// WIP pub mod client;
+pub mod identity;
+pub mod policy;
+#[allow(unsafe_code)]
+pub(crate) mod sys;

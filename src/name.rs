@@ -115,6 +115,9 @@ mod tests {
             assert_eq!(SecretName::parse(s), Err(e), "{s:?}");
         }
         assert_eq!(SecretName::parse(&"a".repeat(257)), Err(NameError::TooLong));
-        assert_eq!(SecretName::parse(&"a".repeat(129)), Err(NameError::SegmentTooLong(1)));
+        assert_eq!(
+            SecretName::parse(&"a".repeat(129)),
+            Err(NameError::SegmentTooLong(1))
+        );
     }
 }

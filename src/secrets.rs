@@ -18,7 +18,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 use zeroize::Zeroizing;
 
-use crate::envelope::{Binding, DekCache, EnvelopeError, Envelope, Sealed};
+use crate::envelope::{Binding, DekCache, Envelope, EnvelopeError, Sealed};
 use crate::name::{check_prefix, NameError, SecretName};
 use crate::root::{RootError, RootOfTrust};
 use crate::store::{decode, encode, RootState, Store, StoreError};
@@ -64,7 +64,10 @@ impl OpCtx {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        OpCtx { actor: actor.into(), now }
+        OpCtx {
+            actor: actor.into(),
+            now,
+        }
     }
 }
 
@@ -127,7 +130,13 @@ pub struct SecretValue {
 
 impl fmt::Debug for SecretValue {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "SecretValue({} v{}, {} bytes ***)", self.name, self.version, self.value.len())
+        write!(
+            f,
+            "SecretValue({} v{}, {} bytes ***)",
+            self.name,
+            self.version,
+            self.value.len()
+        )
     }
 }
 
@@ -275,13 +284,21 @@ impl SecretStore {
         if !root.has_version(1)? {
             root.create_version(1)?;
         }
-        let s = RootState { active: 1, retired: vec![], rotating_to: None };
+        let s = RootState {
+            active: 1,
+            retired: vec![],
+            rotating_to: None,
+        };
         store.set_root_state(&s)?;
         Ok(s)
     }
 
     /// Opens an initialised store over `root`.
-    pub fn open(store: Store, root: Arc<dyn RootOfTrust>, cfg: SecretsConfig) -> Result<Self, SecretsError> {
+    pub fn open(
+        store: Store,
+        root: Arc<dyn RootOfTrust>,
+        cfg: SecretsConfig,
+    ) -> Result<Self, SecretsError> {
         let state = store.root_state()?.ok_or(SecretsError::NotInitialised)?;
         for v in &state.retired {
             root.retire_version(*v)?;
@@ -350,12 +367,23 @@ impl SecretStore {
     }
 
     /// Stores a new version of `name`; returns its version number.
-    pub fn put(&self, ctx: &OpCtx, name: &SecretName, value: &[u8], opts: &PutOptions) -> Result<u64, SecretsError> {
+    pub fn put(
+        &self,
+        ctx: &OpCtx,
+        name: &SecretName,
+        value: &[u8],
+        opts: &PutOptions,
+    ) -> Result<u64, SecretsError> {
         if value.len() > self.cfg.max_value_len {
-            return Err(SecretsError::ValueTooLarge { len: value.len(), max: self.cfg.max_value_len });
+            return Err(SecretsError::ValueTooLarge {
+                len: value.len(),
+                max: self.cfg.max_value_len,
+            });
         }
         if opts.max_versions == Some(0) {
-            return Err(SecretsError::InvalidArgument("max_versions must be at least 1".into()));
+            return Err(SecretsError::InvalidArgument(
+                "max_versions must be at least 1".into(),
+            ));
         }
         let _w = self.stripe(name).lock();
         let n = name.as_str();
@@ -363,7 +391,10 @@ impl SecretStore {
         let current = old.as_ref().map(|m| m.current_version).unwrap_or(0);
         if let Some(expected) = opts.cas {
             if expected != current {
-                return Err(SecretsError::CasConflict { expected, actual: current });
+                return Err(SecretsError::CasConflict {
+                    expected,
+                    actual: current,
+                });
             }
         }
         let version = current
@@ -394,7 +425,10 @@ impl SecretStore {
         if opts.max_versions.is_some() {
             meta.max_versions = opts.max_versions;
         }
-        let keep = meta.max_versions.unwrap_or(self.cfg.default_max_versions).max(1) as usize;
+        let keep = meta
+            .max_versions
+            .unwrap_or(self.cfg.default_max_versions)
+            .max(1) as usize;
         let existing: Vec<u64> = self.records(n)?.iter().map(|r| r.version).collect();
         let prune: Vec<u64> = if existing.len() + 1 > keep {
             existing[..existing.len() + 1 - keep].to_vec()
@@ -435,7 +469,12 @@ impl SecretStore {
     }
 
     /// Reads `version` of `name`, or the newest active version.
-    pub fn get(&self, ctx: &OpCtx, name: &SecretName, version: Option<u64>) -> Result<SecretValue, SecretsError> {
+    pub fn get(
+        &self,
+        ctx: &OpCtx,
+        name: &SecretName,
+        version: Option<u64>,
+    ) -> Result<SecretValue, SecretsError> {
         let n = name.as_str();
         let meta = self.meta(n)?.ok_or(SecretsError::NotFound)?;
         if let Some(exp) = meta.expires_at {
@@ -458,15 +497,25 @@ impl SecretStore {
             VersionState::Destroyed(_) => return Err(SecretsError::VersionDestroyed(rec.version)),
             VersionState::Active => {}
         }
-        let sealed = rec.sealed.as_ref().ok_or(SecretsError::VersionDestroyed(rec.version))?;
+        let sealed = rec
+            .sealed
+            .as_ref()
+            .ok_or(SecretsError::VersionDestroyed(rec.version))?;
         let value = self
             .envelope
             .open(&binding(n, rec.version), sealed)
             .map_err(|e| match e {
-                EnvelopeError::Integrity => SecretsError::Integrity(format!("{n} v{}", rec.version)),
+                EnvelopeError::Integrity => {
+                    SecretsError::Integrity(format!("{n} v{}", rec.version))
+                }
                 other => env_err(other),
             })?;
-        Ok(SecretValue { name: name.clone(), version: rec.version, value, created_at: rec.created_at })
+        Ok(SecretValue {
+            name: name.clone(),
+            version: rec.version,
+            value,
+            created_at: rec.created_at,
+        })
     }
 
     /// Metadata of one secret.
@@ -475,7 +524,12 @@ impl SecretStore {
     }
 
     /// Lists secrets whose name starts with `prefix`, after the cursor `after`.
-    pub fn list(&self, prefix: &str, after: Option<&str>, limit: usize) -> Result<ListPage, SecretsError> {
+    pub fn list(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<ListPage, SecretsError> {
         check_prefix(prefix)?;
         let limit = limit.clamp(1, 10_000);
         let start = match after {
@@ -484,7 +538,11 @@ impl SecretStore {
         };
         let mut items = Vec::new();
         let mut next = None;
-        for kv in self.store.secrets.range::<Vec<u8>, _>((start, std::ops::Bound::Unbounded)) {
+        for kv in self
+            .store
+            .secrets
+            .range::<Vec<u8>, _>((start, std::ops::Bound::Unbounded))
+        {
             let (k, v) = kv?;
             if !k.starts_with(prefix.as_bytes()) {
                 break;
@@ -540,7 +598,9 @@ impl SecretStore {
         };
         let mut updates = Vec::new();
         for v in &targets {
-            let mut rec = self.record(n, *v)?.ok_or(SecretsError::VersionNotFound(*v))?;
+            let mut rec = self
+                .record(n, *v)?
+                .ok_or(SecretsError::VersionNotFound(*v))?;
             f(&mut rec)?;
             updates.push((version_key(n, *v), encode(&rec)?));
         }
@@ -560,7 +620,12 @@ impl SecretStore {
     }
 
     /// Soft-deletes versions (none given: the newest active one).
-    pub fn delete(&self, ctx: &OpCtx, name: &SecretName, versions: &[u64]) -> Result<Vec<u64>, SecretsError> {
+    pub fn delete(
+        &self,
+        ctx: &OpCtx,
+        name: &SecretName,
+        versions: &[u64],
+    ) -> Result<Vec<u64>, SecretsError> {
         let now = ctx.now;
         self.transition(ctx, name, versions, |r| match r.state {
             VersionState::Destroyed(_) => Err(SecretsError::VersionDestroyed(r.version)),
@@ -574,9 +639,16 @@ impl SecretStore {
     }
 
     /// Restores soft-deleted versions.
-    pub fn undelete(&self, ctx: &OpCtx, name: &SecretName, versions: &[u64]) -> Result<Vec<u64>, SecretsError> {
+    pub fn undelete(
+        &self,
+        ctx: &OpCtx,
+        name: &SecretName,
+        versions: &[u64],
+    ) -> Result<Vec<u64>, SecretsError> {
         if versions.is_empty() {
-            return Err(SecretsError::InvalidArgument("name the versions to undelete".into()));
+            return Err(SecretsError::InvalidArgument(
+                "name the versions to undelete".into(),
+            ));
         }
         self.transition(ctx, name, versions, |r| match r.state {
             VersionState::Destroyed(_) => Err(SecretsError::VersionDestroyed(r.version)),
@@ -588,9 +660,16 @@ impl SecretStore {
     }
 
     /// Destroys versions: ciphertext and wrapped DEK are erased for good.
-    pub fn destroy(&self, ctx: &OpCtx, name: &SecretName, versions: &[u64]) -> Result<Vec<u64>, SecretsError> {
+    pub fn destroy(
+        &self,
+        ctx: &OpCtx,
+        name: &SecretName,
+        versions: &[u64],
+    ) -> Result<Vec<u64>, SecretsError> {
         if versions.is_empty() {
-            return Err(SecretsError::InvalidArgument("name the versions to destroy".into()));
+            return Err(SecretsError::InvalidArgument(
+                "name the versions to destroy".into(),
+            ));
         }
         let now = ctx.now;
         let done = self.transition(ctx, name, versions, |r| {
@@ -619,12 +698,22 @@ impl SecretStore {
         progress: &mut dyn FnMut(RotationProgress) -> ControlFlow<()>,
     ) -> Result<RotationOutcome, SecretsError> {
         let _r = self.rotation.try_lock().ok_or(SecretsError::RotationBusy)?;
-        let mut st = self.store.root_state()?.ok_or(SecretsError::NotInitialised)?;
+        let mut st = self
+            .store
+            .root_state()?
+            .ok_or(SecretsError::NotInitialised)?;
         let from = st.active;
         let to = match st.rotating_to {
             Some(t) => t,
             None => {
-                let t = st.retired.iter().copied().chain([st.active]).max().unwrap_or(0) + 1;
+                let t = st
+                    .retired
+                    .iter()
+                    .copied()
+                    .chain([st.active])
+                    .max()
+                    .unwrap_or(0)
+                    + 1;
                 st.rotating_to = Some(t);
                 self.store.set_root_state(&st)?;
                 t
@@ -642,16 +731,23 @@ impl SecretStore {
         let mut rewrapped = 0u64;
         loop {
             let total = self.store.versions.len() as u64;
-            let mut done = 0u64;
             let mut changed = 0u64;
-            for kv in self.store.versions.iter() {
+            for (i, kv) in self.store.versions.iter().enumerate() {
                 let (k, _) = kv?;
+                let done = i as u64 + 1;
                 if self.rewrap_one(&k, to)? {
                     changed += 1;
                     rewrapped += 1;
                 }
-                done += 1;
-                if progress(RotationProgress { from, to, done, total, rewrapped }).is_break() {
+                if progress(RotationProgress {
+                    from,
+                    to,
+                    done,
+                    total,
+                    rewrapped,
+                })
+                .is_break()
+                {
                     self.store.flush()?;
                     return Ok(RotationOutcome::Interrupted { to, rewrapped });
                 }
@@ -669,28 +765,48 @@ impl SecretStore {
         st.retired.append(&mut old);
         st.rotating_to = None;
         self.store.set_root_state(&st)?;
-        Ok(RotationOutcome::Completed { from, to, rewrapped })
+        Ok(RotationOutcome::Completed {
+            from,
+            to,
+            rewrapped,
+        })
     }
 
     /// Rewraps the DEK of the record at key `k` under `to` if needed;
     /// compare-and-swap so a concurrent delete/destroy/prune is never undone.
     fn rewrap_one(&self, k: &[u8], to: u32) -> Result<bool, SecretsError> {
-        let (name, version) = split_version_key(k)
-            .ok_or_else(|| StoreError::Corrupt { tree: "versions", reason: "bad key".into() })?;
+        let (name, version) = split_version_key(k).ok_or_else(|| StoreError::Corrupt {
+            tree: "versions",
+            reason: "bad key".into(),
+        })?;
         for _ in 0..16 {
-            let Some(cur) = self.store.versions.get(k)? else { return Ok(false) };
+            let Some(cur) = self.store.versions.get(k)? else {
+                return Ok(false);
+            };
             let mut rec: VersionRecord = decode("versions", &cur)?;
-            let Some(sealed) = rec.sealed.as_mut() else { return Ok(false) };
+            let Some(sealed) = rec.sealed.as_mut() else {
+                return Ok(false);
+            };
             if sealed.wrapped.root_version == to {
                 return Ok(false);
             }
             let b = binding(name, version);
-            sealed.wrapped = self.envelope.rewrap(&b, &sealed.wrapped, to).map_err(|e| match e {
-                EnvelopeError::Integrity => SecretsError::Integrity(format!("{name} v{version}")),
-                other => env_err(other),
-            })?;
+            sealed.wrapped =
+                self.envelope
+                    .rewrap(&b, &sealed.wrapped, to)
+                    .map_err(|e| match e {
+                        EnvelopeError::Integrity => {
+                            SecretsError::Integrity(format!("{name} v{version}"))
+                        }
+                        other => env_err(other),
+                    })?;
             let new = encode(&rec)?;
-            if self.store.versions.compare_and_swap(k, Some(cur), Some(new))?.is_ok() {
+            if self
+                .store
+                .versions
+                .compare_and_swap(k, Some(cur), Some(new))?
+                .is_ok()
+            {
                 return Ok(true);
             }
         }
@@ -709,7 +825,9 @@ fn env_err(e: EnvelopeError) -> SecretsError {
 
 fn tx_err(e: TransactionError<()>) -> SecretsError {
     match e {
-        TransactionError::Abort(()) => SecretsError::Store(StoreError::Io("transaction aborted".into())),
+        TransactionError::Abort(()) => {
+            SecretsError::Store(StoreError::Io("transaction aborted".into()))
+        }
         TransactionError::Storage(s) => SecretsError::Store(s.into()),
     }
 }

@@ -34,7 +34,9 @@ pub enum StoreError {
 impl From<sled::Error> for StoreError {
     fn from(e: sled::Error) -> Self {
         match e {
-            sled::Error::Io(io) if io.raw_os_error() == Some(28) => StoreError::NoSpace(io.to_string()),
+            sled::Error::Io(io) if io.raw_os_error() == Some(28) => {
+                StoreError::NoSpace(io.to_string())
+            }
             other => StoreError::Io(other.to_string()),
         }
     }
@@ -63,24 +65,31 @@ pub struct Store {
 impl Store {
     /// Opens (creating if needed) the store at `path`, checking its schema.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        let db = sled::Config::new().path(path).open().map_err(|e| StoreError::Open {
-            path: path.display().to_string(),
-            reason: match &e {
-                sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
-                    "it is locked by another process (is keyseald already running?)".into()
-                }
-                other => other.to_string(),
-            },
-        })?;
+        let db = sled::Config::new()
+            .path(path)
+            .open()
+            .map_err(|e| StoreError::Open {
+                path: path.display().to_string(),
+                reason: match &e {
+                    sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
+                        "it is locked by another process (is keyseald already running?)".into()
+                    }
+                    other => other.to_string(),
+                },
+            })?;
         let meta = db.open_tree("meta")?;
         match meta.get(META_SCHEMA)? {
             Some(v) => {
-                let found = u32::from_be_bytes(v.as_ref().try_into().map_err(|_| StoreError::Corrupt {
-                    tree: "meta",
-                    reason: "schema version is not 4 bytes".into(),
-                })?);
+                let found =
+                    u32::from_be_bytes(v.as_ref().try_into().map_err(|_| StoreError::Corrupt {
+                        tree: "meta",
+                        reason: "schema version is not 4 bytes".into(),
+                    })?);
                 if found > SCHEMA_VERSION {
-                    return Err(StoreError::SchemaTooNew { path: path.display().to_string(), found });
+                    return Err(StoreError::SchemaTooNew {
+                        path: path.display().to_string(),
+                        found,
+                    });
                 }
             }
             None => {
@@ -122,5 +131,8 @@ pub fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
 }
 
 pub fn decode<T: DeserializeOwned>(tree: &'static str, b: &[u8]) -> Result<T, StoreError> {
-    postcard::from_bytes(b).map_err(|e| StoreError::Corrupt { tree, reason: e.to_string() })
+    postcard::from_bytes(b).map_err(|e| StoreError::Corrupt {
+        tree,
+        reason: e.to_string(),
+    })
 }

@@ -6,9 +6,10 @@
 /// state in a temporary directory. Killed and reaped on drop.
 ///
 /// Used by the TPM integration tests and benchmarks:
-/// `TpmConfig { tcti: swtpm.tcti(), .. }`. swtpm serves one client
-/// connection at a time: while a `TpmRoot` is connected, other clients
-/// (e.g. `tpm2_*` tools) wait until it is dropped.
+/// `TpmConfig { tcti: swtpm.tcti(), .. }`. The swtpm TCTI opens a TCP
+/// connection per command, so `tpm2_*` tools (`TPM2TOOLS_TCTI=<tcti()>`) can
+/// run while a `TpmRoot` is open; there is no resource manager, so they see
+/// (and can flush) its transient objects.
 pub struct Swtpm {
     /// TPM command port; the control port is `port + 1`.
     pub port: u16,
@@ -22,7 +23,9 @@ const SWTPM_READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 impl Swtpm {
     /// Starts a fresh simulator (new state directory, free port pair).
     pub fn start() -> std::io::Result<Swtpm> {
-        let dir = tempfile::Builder::new().prefix("keyseal-swtpm-").tempdir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("keyseal-swtpm-")
+            .tempdir()?;
         // Another process can take the ports between the probe and swtpm's
         // bind; retry with a new pair when swtpm does not come up.
         let mut last_err = std::io::Error::other("swtpm did not start");

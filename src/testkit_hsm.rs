@@ -21,7 +21,10 @@ pub const SOFTHSM_MODULE_CANDIDATES: &[&str] = &[
 
 /// The SoftHSM2 module on this machine, if installed.
 pub fn softhsm_module() -> Option<PathBuf> {
-    SOFTHSM_MODULE_CANDIDATES.iter().map(PathBuf::from).find(|p| p.exists())
+    SOFTHSM_MODULE_CANDIDATES
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
 }
 
 /// Writes a SoftHSM2 config whose tokens live under `dir/tokens`.
@@ -43,7 +46,16 @@ pub fn write_softhsm_conf(dir: &Path) -> io::Result<PathBuf> {
 pub fn init_softhsm_token(conf: &Path, label: &str, pin: &str, so_pin: &str) -> io::Result<()> {
     let out = Command::new("softhsm2-util")
         .env("SOFTHSM2_CONF", conf)
-        .args(["--init-token", "--free", "--label", label, "--pin", pin, "--so-pin", so_pin])
+        .args([
+            "--init-token",
+            "--free",
+            "--label",
+            label,
+            "--pin",
+            pin,
+            "--so-pin",
+            so_pin,
+        ])
         .output()?;
     if !out.status.success() {
         return Err(io::Error::other(format!(
@@ -66,15 +78,24 @@ pub struct SoftHsm {
 
 impl SoftHsm {
     pub fn new() -> io::Result<SoftHsm> {
-        let module = softhsm_module()
-            .ok_or_else(|| io::Error::other("libsofthsm2.so not found: apt-get install softhsm2"))?;
-        let dir = tempfile::Builder::new().prefix("keyseal-softhsm-").tempdir()?;
+        let module = softhsm_module().ok_or_else(|| {
+            io::Error::other("libsofthsm2.so not found: apt-get install softhsm2")
+        })?;
+        let dir = tempfile::Builder::new()
+            .prefix("keyseal-softhsm-")
+            .tempdir()?;
         let conf = write_softhsm_conf(dir.path())?;
         let token_label = "keyseal-test".to_owned();
         let pin = "1234-test-pin".to_owned();
         init_softhsm_token(&conf, &token_label, &pin, "so-pin-5678")?;
         std::env::set_var("SOFTHSM2_CONF", &conf);
-        Ok(SoftHsm { dir, conf, module, token_label, pin })
+        Ok(SoftHsm {
+            dir,
+            conf,
+            module,
+            token_label,
+            pin,
+        })
     }
 
     /// The token directory (tests corrupt or hide it for fault tests).

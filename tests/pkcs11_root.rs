@@ -14,25 +14,46 @@ fn wrap_unwrap_binding_and_versions() {
     let hsm = SoftHsm::new().unwrap();
     let root = Pkcs11Root::open(&hsm.config()).unwrap();
     assert!(!root.has_version(1).unwrap());
-    assert!(matches!(root.wrap(1, &Dek::generate(), b"id"), Err(RootError::NotInitialised(_))));
+    assert!(matches!(
+        root.wrap(1, &Dek::generate(), b"id"),
+        Err(RootError::NotInitialised(_))
+    ));
     root.create_version(1).unwrap();
-    assert!(root.create_version(1).is_err(), "creating an existing version must fail");
+    assert!(
+        root.create_version(1).is_err(),
+        "creating an existing version must fail"
+    );
     let dek = Dek::generate();
     let w = root.wrap(1, &dek, b"secret/a/1").unwrap();
     assert_eq!(w.root_version, 1);
-    assert_eq!(root.unwrap(&w, b"secret/a/1").unwrap().expose(), dek.expose());
-    assert!(matches!(root.unwrap(&w, b"secret/a/2"), Err(RootError::Integrity(_))));
+    assert_eq!(
+        root.unwrap(&w, b"secret/a/1").unwrap().expose(),
+        dek.expose()
+    );
+    assert!(matches!(
+        root.unwrap(&w, b"secret/a/2"),
+        Err(RootError::Integrity(_))
+    ));
     let mut t = w.clone();
     t.blob[20] ^= 1;
-    assert!(matches!(root.unwrap(&t, b"secret/a/1"), Err(RootError::Integrity(_))));
+    assert!(matches!(
+        root.unwrap(&t, b"secret/a/1"),
+        Err(RootError::Integrity(_))
+    ));
     let mut t = w.clone();
     t.blob.truncate(10);
-    assert!(matches!(root.unwrap(&t, b"secret/a/1"), Err(RootError::Integrity(_))));
+    assert!(matches!(
+        root.unwrap(&t, b"secret/a/1"),
+        Err(RootError::Integrity(_))
+    ));
     root.create_version(2).unwrap();
     let w2 = root.wrap(2, &dek, b"x").unwrap();
     root.retire_version(1).unwrap();
     assert!(!root.has_version(1).unwrap());
-    assert!(matches!(root.unwrap(&w, b"secret/a/1"), Err(RootError::NotInitialised(_))));
+    assert!(matches!(
+        root.unwrap(&w, b"secret/a/1"),
+        Err(RootError::NotInitialised(_))
+    ));
     assert_eq!(root.unwrap(&w2, b"x").unwrap().expose(), dek.expose());
 }
 
@@ -46,15 +67,31 @@ fn root_key_is_sensitive_and_not_extractable() {
     let out = std::process::Command::new("pkcs11-tool")
         .args(["--module"])
         .arg(&hsm.module)
-        .args(["--token-label", &hsm.token_label, "--login", "--pin", &hsm.pin, "--list-objects", "--type", "secrkey"])
+        .args([
+            "--token-label",
+            &hsm.token_label,
+            "--login",
+            "--pin",
+            &hsm.pin,
+            "--list-objects",
+            "--type",
+            "secrkey",
+        ])
         .env("SOFTHSM2_CONF", &hsm.conf)
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(text.contains("keyseal-root-v1"), "{text}");
     assert!(text.contains("AES length 32"), "{text}");
-    assert!(text.contains("sensitive") && text.contains("never extractable"), "{text}");
+    assert!(
+        text.contains("sensitive") && text.contains("never extractable"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -65,7 +102,10 @@ fn wrong_pin_names_the_fix() {
     let e = Pkcs11Root::open(&cfg).unwrap_err();
     assert!(matches!(e, RootError::Auth(_)), "{e:?}");
     let m = e.to_string();
-    assert!(m.contains("wrong user PIN") && m.contains("pin_file"), "{m}");
+    assert!(
+        m.contains("wrong user PIN") && m.contains("pin_file"),
+        "{m}"
+    );
     assert!(!m.contains("wrong-pin"), "the PIN leaked into the message");
 }
 
@@ -77,7 +117,10 @@ fn missing_token_names_the_fix() {
     let e = Pkcs11Root::open(&cfg).unwrap_err();
     assert!(matches!(e, RootError::NotInitialised(_)), "{e:?}");
     let m = e.to_string();
-    assert!(m.contains("no-such-token") && m.contains("softhsm2-util --init-token"), "{m}");
+    assert!(
+        m.contains("no-such-token") && m.contains("softhsm2-util --init-token"),
+        "{m}"
+    );
 }
 
 #[test]
@@ -111,7 +154,9 @@ fn pin_file_permissions_are_checked() {
 fn signatures_verify_with_openssl() {
     let hsm = SoftHsm::new().unwrap();
     let root = Pkcs11Root::open(&hsm.config()).unwrap();
-    let key = root.create_signing_key("audit-v1", SignAlg::EcdsaP256Sha256).unwrap();
+    let key = root
+        .create_signing_key("audit-v1", SignAlg::EcdsaP256Sha256)
+        .unwrap();
     let spki = root.public_key_spki(&key).unwrap();
     let msg = b"checkpoint body\n";
     let sig = root.sign(&key, msg).unwrap();
@@ -122,14 +167,32 @@ fn signatures_verify_with_openssl() {
     let run = |msgfile: &str| {
         std::process::Command::new("openssl")
             .current_dir(dir.path())
-            .args(["dgst", "-sha256", "-keyform", "DER", "-verify", "pub.der", "-signature", "sig.der", msgfile])
+            .args([
+                "dgst",
+                "-sha256",
+                "-keyform",
+                "DER",
+                "-verify",
+                "pub.der",
+                "-signature",
+                "sig.der",
+                msgfile,
+            ])
             .output()
             .unwrap()
     };
     let out = run("msg");
-    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     std::fs::write(dir.path().join("other"), b"checkpoint body!").unwrap();
-    assert!(!run("other").status.success(), "a signature over other bytes verified");
+    assert!(
+        !run("other").status.success(),
+        "a signature over other bytes verified"
+    );
     root.destroy_signing_key(&key).unwrap();
     assert!(root.sign(&key, msg).is_err());
 }
@@ -147,7 +210,10 @@ fn concurrent_wrap_unwrap_on_shared_root() {
                     let id = format!("t{t}/{i}");
                     let dek = Dek::generate();
                     let w = root.wrap(1, &dek, id.as_bytes()).unwrap();
-                    assert_eq!(root.unwrap(&w, id.as_bytes()).unwrap().expose(), dek.expose());
+                    assert_eq!(
+                        root.unwrap(&w, id.as_bytes()).unwrap().expose(),
+                        dek.expose()
+                    );
                 }
             })
         })

@@ -61,7 +61,12 @@ pub struct WrappedDek {
 
 impl fmt::Debug for WrappedDek {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "WrappedDek(v{}, {} bytes)", self.root_version, self.blob.len())
+        write!(
+            f,
+            "WrappedDek(v{}, {} bytes)",
+            self.root_version,
+            self.blob.len()
+        )
     }
 }
 
@@ -99,7 +104,12 @@ pub struct SigningKeyRef {
 
 impl fmt::Debug for SigningKeyRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "SigningKeyRef({:?}, {} bytes)", self.alg, self.handle.len())
+        write!(
+            f,
+            "SigningKeyRef({:?}, {} bytes)",
+            self.alg,
+            self.handle.len()
+        )
     }
 }
 

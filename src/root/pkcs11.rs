@@ -81,14 +81,18 @@ pub fn read_pin_file(path: &Path) -> Result<Zeroizing<String>, RootError> {
             path.display()
         )));
     }
-    let raw = Zeroizing::new(std::fs::read(path).map_err(|e| {
-        RootError::Config(format!("cannot read PIN file {}: {e}", path.display()))
-    })?);
+    let raw =
+        Zeroizing::new(std::fs::read(path).map_err(|e| {
+            RootError::Config(format!("cannot read PIN file {}: {e}", path.display()))
+        })?);
     let text = std::str::from_utf8(&raw)
         .map_err(|_| RootError::Config(format!("PIN file {} is not UTF-8", path.display())))?;
     let pin = text.trim_end_matches(['\n', '\r']);
     if pin.is_empty() {
-        return Err(RootError::Config(format!("PIN file {} is empty", path.display())));
+        return Err(RootError::Config(format!(
+            "PIN file {} is empty",
+            path.display()
+        )));
     }
     Ok(Zeroizing::new(pin.to_owned()))
 }
@@ -139,7 +143,9 @@ fn session_lost(e: &CkError) -> bool {
 
 fn device_err(what: &str, e: CkError) -> RootError {
     if session_lost(&e) {
-        RootError::Unavailable(format!("{what}: token session lost ({e}); keyseal reconnects on the next request"))
+        RootError::Unavailable(format!(
+            "{what}: token session lost ({e}); keyseal reconnects on the next request"
+        ))
     } else {
         RootError::Device(format!("{what}: {e}"))
     }
@@ -271,7 +277,9 @@ impl Pkcs11Root {
                 }
             }
         }
-        Err(RootError::Unavailable("token session lost twice in a row".into()))
+        Err(RootError::Unavailable(
+            "token session lost twice in a row".into(),
+        ))
     }
 
     fn find(&self, label: &str, class: ObjectClass) -> Result<Option<ObjectHandle>, RootError> {
@@ -279,7 +287,10 @@ impl Pkcs11Root {
         if let Some(h) = self.handles.lock().get(&cache_key) {
             return Ok(Some(*h));
         }
-        let template = vec![Attribute::Class(class), Attribute::Label(label.as_bytes().to_vec())];
+        let template = vec![
+            Attribute::Class(class),
+            Attribute::Label(label.as_bytes().to_vec()),
+        ];
         let found = self
             .with_session(|s| s.find_objects(&template))?
             .map_err(|e| device_err("find object", e))?;
@@ -312,7 +323,9 @@ impl Pkcs11Root {
             .map_err(|_| RootError::Integrity("signing key reference is not a label".into()))?;
         let h = self
             .find(&label, ObjectClass::PRIVATE_KEY)?
-            .ok_or_else(|| RootError::NotInitialised(format!("signing key '{label}' is not on the token")))?;
+            .ok_or_else(|| {
+                RootError::NotInitialised(format!("signing key '{label}' is not on the token"))
+            })?;
         Ok((label, h))
     }
 }
@@ -323,7 +336,9 @@ impl RootOfTrust for Pkcs11Root {
     }
 
     fn has_version(&self, version: u32) -> Result<bool, RootError> {
-        Ok(self.find(&root_label(version), ObjectClass::SECRET_KEY)?.is_some())
+        Ok(self
+            .find(&root_label(version), ObjectClass::SECRET_KEY)?
+            .is_some())
     }
 
     fn create_version(&self, version: u32) -> Result<(), RootError> {
@@ -354,7 +369,9 @@ impl RootOfTrust for Pkcs11Root {
         let h = self
             .with_session(|s| s.generate_key(&Mechanism::AesKeyGen, &template))?
             .map_err(|e| device_err("generate root key", e))?;
-        self.handles.lock().insert(format!("{}/{label}", ObjectClass::SECRET_KEY), h);
+        self.handles
+            .lock()
+            .insert(format!("{}/{label}", ObjectClass::SECRET_KEY), h);
         Ok(())
     }
 
@@ -365,13 +382,17 @@ impl RootOfTrust for Pkcs11Root {
             self.with_session(|s| s.destroy_object(h))?
                 .map_err(|e| device_err("destroy retired root key", e))?;
         }
-        self.handles.lock().remove(&format!("{}/{label}", ObjectClass::SECRET_KEY));
+        self.handles
+            .lock()
+            .remove(&format!("{}/{label}", ObjectClass::SECRET_KEY));
         Ok(())
     }
 
     fn wrap(&self, version: u32, dek: &Dek, binding: &[u8]) -> Result<WrappedDek, RootError> {
         if binding.is_empty() {
-            return Err(RootError::Config("a DEK binding (AAD) must not be empty".into()));
+            return Err(RootError::Config(
+                "a DEK binding (AAD) must not be empty".into(),
+            ));
         }
         let key = self.root_key(version)?;
         let mut iv = [0u8; GCM_IV_LEN];
@@ -386,12 +407,17 @@ impl RootOfTrust for Pkcs11Root {
         let mut blob = Vec::with_capacity(GCM_IV_LEN + ct.len());
         blob.extend_from_slice(&iv);
         blob.extend_from_slice(&ct);
-        Ok(WrappedDek { root_version: version, blob })
+        Ok(WrappedDek {
+            root_version: version,
+            blob,
+        })
     }
 
     fn unwrap(&self, wrapped: &WrappedDek, binding: &[u8]) -> Result<Dek, RootError> {
         if wrapped.blob.len() != GCM_IV_LEN + super::DEK_LEN + 16 {
-            return Err(RootError::Integrity("wrapped key has the wrong length".into()));
+            return Err(RootError::Integrity(
+                "wrapped key has the wrong length".into(),
+            ));
         }
         let key = self.root_key(wrapped.root_version)?;
         let (iv, ct) = wrapped.blob.split_at(GCM_IV_LEN);
@@ -410,7 +436,9 @@ impl RootOfTrust for Pkcs11Root {
             Err(e) => Err(RootError::Integrity(format!(
                 "wrapped key did not authenticate under root key v{} ({})",
                 wrapped.root_version,
-                rv(&e).map(|r| format!("{r:?}")).unwrap_or_else(|| "error".into())
+                rv(&e)
+                    .map(|r| format!("{r:?}"))
+                    .unwrap_or_else(|| "error".into())
             ))),
         }
     }
@@ -419,7 +447,9 @@ impl RootOfTrust for Pkcs11Root {
         let SignAlg::EcdsaP256Sha256 = alg;
         let _g = self.create_lock.lock();
         if self.find(label, ObjectClass::PRIVATE_KEY)?.is_some() {
-            return Err(RootError::Device(format!("signing key '{label}' already exists")));
+            return Err(RootError::Device(format!(
+                "signing key '{label}' already exists"
+            )));
         }
         let public = vec![
             Attribute::Token(true),
@@ -440,15 +470,18 @@ impl RootOfTrust for Pkcs11Root {
         ];
         self.with_session(|s| s.generate_key_pair(&Mechanism::EccKeyPairGen, &public, &private))?
             .map_err(|e| device_err("generate signing key", e))?;
-        Ok(SigningKeyRef { alg, handle: label.as_bytes().to_vec() })
+        Ok(SigningKeyRef {
+            alg,
+            handle: label.as_bytes().to_vec(),
+        })
     }
 
     fn public_key_spki(&self, key: &SigningKeyRef) -> Result<Vec<u8>, RootError> {
         let label = String::from_utf8(key.handle.clone())
             .map_err(|_| RootError::Integrity("signing key reference is not a label".into()))?;
-        let h = self
-            .find(&label, ObjectClass::PUBLIC_KEY)?
-            .ok_or_else(|| RootError::NotInitialised(format!("public key '{label}' is not on the token")))?;
+        let h = self.find(&label, ObjectClass::PUBLIC_KEY)?.ok_or_else(|| {
+            RootError::NotInitialised(format!("public key '{label}' is not on the token"))
+        })?;
         let attrs = self
             .with_session(|s| s.get_attributes(h, &[AttributeType::EcPoint]))?
             .map_err(|e| device_err("read public key", e))?;

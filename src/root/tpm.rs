@@ -40,10 +40,11 @@
 //! # Sessions
 //!
 //! All authorisations use password sessions (plain authValue in the command),
-//! not HMAC or salted/encrypted sessions. Measured on the development machine
-//! against swtpm: load + unseal costs about 1 ms with a password session and
-//! about 13 ms with an HMAC session with parameter encryption, and unwrap is
-//! on the read path of every secret whose DEK is not cached. The price: the
+//! not HMAC or salted/encrypted sessions. Measured against swtpm on the
+//! development machine (2 cores): load + unseal + flush takes about 0.8 ms
+//! with password sessions and about 10 ms with a salted HMAC session with
+//! parameter encryption (even reusing the session), and unwrap is on the read
+//! path of every secret whose DEK is not cached. The price: the
 //! DEK (in TPM2_Create and the TPM2_Unseal response) and `auth_value` travel
 //! in clear between this process and the TPM. Whoever can observe that
 //! channel (the LPC/SPI bus, root on this host reading the swtpm socket or
@@ -76,11 +77,14 @@
 //!
 //! Without a resource manager (swtpm, `/dev/tpm0`) the TPM has few transient
 //! object slots (3 on libtpms), so at most [`MAX_CACHED_PRIMARIES`] primaries
-//! stay loaded, and on connect keyseal flushes transient objects left by a
-//! crashed earlier client. Such TPMs serve one client at a time anyway
-//! (`/dev/tpm0` is exclusive, swtpm accepts one connection at a time); with
-//! `/dev/tpmrm0` or tpm2-abrmd the listing only shows this connection's own
-//! (no) objects.
+//! stay loaded. If the TPM is still full after keyseal flushed its own
+//! primaries, it flushes every transient object (leftovers of a crashed
+//! client): such a TPM must be dedicated to keyseal. Use `/dev/tpmrm0` or
+//! tpm2-abrmd to share a TPM; they virtualise the slots. The swtpm TCTI opens
+//! a TCP connection per command, so other clients (e.g. `tpm2_*` tools) can
+//! interleave with keyseal; a restarted swtpm shows up as primaries missing
+//! from the TPM, which keyseal detects (name check on the error path) and
+//! handles like a broken link.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -92,7 +96,7 @@ use subtle::ConstantTimeEq;
 use tss_esapi::attributes::ObjectAttributesBuilder;
 use tss_esapi::constants::response_code::{Tss2ResponseCode, Tss2ResponseCodeKind};
 use tss_esapi::constants::tss::{TPM2_RH_NULL, TPM2_ST_HASHCHECK, TPM2_TRANSIENT_FIRST};
-use tss_esapi::constants::{CapabilityType, SessionType};
+use tss_esapi::constants::{CapabilityType, PropertyTag, SessionType};
 use tss_esapi::handles::{KeyHandle, ObjectHandle, SessionHandle, TpmHandle};
 use tss_esapi::interface_types::algorithm::{HashingAlgorithm, PublicAlgorithm};
 use tss_esapi::interface_types::ecc::EccCurve;
@@ -100,9 +104,9 @@ use tss_esapi::interface_types::resource_handles::Hierarchy;
 use tss_esapi::interface_types::session_handles::{AuthSession, PolicySession};
 use tss_esapi::structures::{
     Auth, CapabilityData, Digest, EccParameter, EccPoint, EccScheme, HashScheme, HashcheckTicket,
-    KeyedHashScheme, PcrSelectionList, PcrSelectionListBuilder, PcrSlot, Private, Public,
-    PublicBuilder, PublicEccParametersBuilder, PublicKeyedHashParameters, SensitiveData,
-    Signature, SignatureScheme, SymmetricDefinition, SymmetricDefinitionObject,
+    KeyedHashScheme, Name, PcrSelectionList, PcrSelectionListBuilder, PcrSlot, Private, Public,
+    PublicBuilder, PublicEccParametersBuilder, PublicKeyedHashParameters, SensitiveData, Signature,
+    SignatureScheme, SymmetricDefinition, SymmetricDefinitionObject,
 };
 use tss_esapi::tcti_ldr::TctiNameConf;
 use tss_esapi::traits::{Marshall, UnMarshall};
@@ -315,6 +319,27 @@ fn classify(e: &tss_esapi::Error) -> Class {
     }
 }
 
+fn is_reference_kind(k: Tss2ResponseCodeKind) -> bool {
+    use Tss2ResponseCodeKind as K;
+    matches!(
+        k,
+        K::ReferenceH0
+            | K::ReferenceH1
+            | K::ReferenceH2
+            | K::ReferenceH3
+            | K::ReferenceH4
+            | K::ReferenceH5
+            | K::ReferenceH6
+            | K::ReferenceS0
+            | K::ReferenceS1
+            | K::ReferenceS2
+            | K::ReferenceS3
+            | K::ReferenceS4
+            | K::ReferenceS5
+            | K::ReferenceS6
+    )
+}
+
 fn unavailable_hint(tcti: &str) -> String {
     format!(
         "is swtpm/tpm2-abrmd running (or /dev/tpmrm0 present and accessible: `tss` group) and is `tcti` in the [root.tpm] config right (currently '{tcti}')?"
@@ -438,8 +463,8 @@ fn pcr_selection(mask: u32) -> Result<(Vec<PcrSlot>, PcrSelectionList), RootErro
 /// One ESAPI connection and the primaries loaded in it.
 struct Conn {
     ctx: Context,
-    /// Loaded primaries, least recently used first.
-    primaries: Vec<(PrimaryId, KeyHandle)>,
+    /// Loaded primaries with their names, least recently used first.
+    primaries: Vec<(PrimaryId, KeyHandle, Name)>,
     /// Set when the transport broke: the connection is dropped after the call.
     broken: bool,
     tcti: String,
@@ -459,14 +484,26 @@ impl Conn {
             broken: false,
             tcti: tcti.to_owned(),
         };
-        conn.flush_stale_transients()?;
+        // One round trip: some TCTIs (swtpm) connect per command, so only
+        // this shows that the TPM answers.
+        if let Err(e) = conn.ctx.get_tpm_property(PropertyTag::Manufacturer) {
+            return Err(match classify(&e) {
+                Class::Link => RootError::Unavailable(format!(
+                    "cannot reach TPM via TCTI '{tcti}': {}: {e}",
+                    unavailable_hint(tcti)
+                )),
+                _ => conn.err("querying the TPM", e),
+            });
+        }
         Ok(conn)
     }
 
-    /// Flushes transient objects left in the TPM by an earlier client that
-    /// died (only visible without a resource manager). Also the first round
-    /// trip, so an unreachable TPM is noticed at open.
-    fn flush_stale_transients(&mut self) -> Result<(), RootError> {
+    /// Flushes every transient object the TPM lists. Only called when the
+    /// TPM has no free object slot even after flushing our own primaries:
+    /// without a resource manager those are leftovers of clients that died
+    /// (with `/dev/tpmrm0` or tpm2-abrmd the list holds only our own).
+    fn flush_all_transients(&mut self) -> Result<(), RootError> {
+        self.evict_primaries(None, 0)?;
         let (data, _) = self
             .ctx
             .get_capability(CapabilityType::Handles, TPM2_TRANSIENT_FIRST, 64)
@@ -482,7 +519,7 @@ impl Conn {
                 if let Err(e) = self.ctx.flush_context(obj) {
                     return Err(self.err("flushing a stale transient object", e));
                 }
-                tracing::debug!("flushed stale transient TPM object {:?}", h);
+                tracing::warn!("TPM out of object slots: flushed transient object {:?}", h);
             }
         }
         Ok(())
@@ -500,6 +537,9 @@ impl Conn {
                     unavailable_hint(&self.tcti)
                 ))
             }
+            Class::Tpm { kind, .. } if kind.is_some_and(is_reference_kind) => {
+                self.lost_state(what, &e)
+            }
             Class::Tpm { kind, .. } => match kind {
                 Some(Tss2ResponseCodeKind::Lockout) => RootError::Auth(format!(
                     "{what}: the TPM is in dictionary-attack lockout (too many wrong auth values); fix root.tpm.auth_value, then wait for the lockout to expire or run `tpm2_dictionarylockout --clear-lockout`"
@@ -509,6 +549,13 @@ impl Conn {
                         "{what}: the TPM rejected the authorisation ({e}); check root.tpm.auth_value (it must be the value the object was created with) and that the owner hierarchy auth is empty"
                     ))
                 }
+                Some(
+                    Tss2ResponseCodeKind::ObjectMemory
+                    | Tss2ResponseCodeKind::Memory
+                    | Tss2ResponseCodeKind::ObjectHandles,
+                ) => RootError::Device(format!(
+                    "{what}: the TPM has no free object slots ({e}); without a resource manager the TPM must be dedicated to keyseal: use `device:/dev/tpmrm0` or tpm2-abrmd to share it"
+                )),
                 Some(Tss2ResponseCodeKind::Initialize) => RootError::Unavailable(format!(
                     "{what}: the TPM has not been started ({e}); run `tpm2_startup -c` (swtpm: start it with --flags startup-clear)"
                 )),
@@ -520,6 +567,45 @@ impl Conn {
                 _ => RootError::Device(format!("{what}: {e}")),
             },
             Class::Local => RootError::Device(format!("{what}: {e}")),
+        }
+    }
+
+    /// The TPM no longer holds what this connection loaded (it restarted, or
+    /// another client flushed our objects): same treatment as a broken link.
+    fn lost_state(&mut self, what: &str, e: &dyn fmt::Display) -> RootError {
+        self.broken = true;
+        RootError::Unavailable(format!(
+            "{what}: the TPM no longer holds the keys keyseal loaded ({e}); it was probably restarted (TCTI '{}'); keyseal reconnects on the next request",
+            self.tcti
+        ))
+    }
+
+    /// After an operation under cached primary `id` failed: if the TPM no
+    /// longer holds that primary under its handle (restart, or flushed by
+    /// another client), the failure is not about the operation's input.
+    fn primary_lost(&mut self, id: PrimaryId, what: &str) -> Option<RootError> {
+        let (_, handle, name) = self.primaries.iter().find(|(p, _, _)| *p == id)?.clone();
+        match self.ctx.read_public(handle) {
+            Ok((_, actual, _)) if actual == name => None,
+            Ok(_) => Some(self.lost_state(
+                what,
+                &"a different object is loaded under the primary's handle",
+            )),
+            Err(e) => match classify(&e) {
+                Class::Link => Some(self.err(what, e)),
+                _ => Some(self.lost_state(what, &e)),
+            },
+        }
+    }
+
+    /// Forgets loaded handles without flushing them (the TPM lost them, or
+    /// the handle numbers may now belong to another client's objects), so
+    /// that dropping the Context does not flush anything.
+    fn abandon(&mut self) {
+        for (_, handle, _) in self.primaries.drain(..) {
+            let mut obj: ObjectHandle = handle.into();
+            // Errors only concern tss-esapi's bookkeeping (flush vs close).
+            let _ = self.ctx.tr_close(&mut obj);
         }
     }
 
@@ -567,14 +653,18 @@ impl Conn {
     }
 
     /// Flushes cached primaries (all but `keep`) to free object slots.
-    fn evict_primaries(&mut self, keep: Option<PrimaryId>, max_left: usize) -> Result<(), RootError> {
+    fn evict_primaries(
+        &mut self,
+        keep: Option<PrimaryId>,
+        max_left: usize,
+    ) -> Result<(), RootError> {
         let mut i = 0;
         while self.primaries.len() > max_left && i < self.primaries.len() {
             if Some(self.primaries[i].0) == keep {
                 i += 1;
                 continue;
             }
-            let (id, handle) = self.primaries.remove(i);
+            let (id, handle, _) = self.primaries.remove(i);
             if let Err(e) = self.ctx.flush_context(handle.into()) {
                 return Err(self.err(&format!("flushing primary {}", id.label()), e));
             }
@@ -584,42 +674,52 @@ impl Conn {
 
     /// The handle of primary `id`, derived now if not loaded.
     fn primary(&mut self, id: PrimaryId) -> Result<KeyHandle, RootError> {
-        if let Some(pos) = self.primaries.iter().position(|(p, _)| *p == id) {
+        if let Some(pos) = self.primaries.iter().position(|(p, _, _)| *p == id) {
             let entry = self.primaries.remove(pos);
+            let handle = entry.1;
             self.primaries.push(entry);
-            return Ok(entry.1);
+            return Ok(handle);
         }
         self.evict_primaries(None, MAX_CACHED_PRIMARIES - 1)?;
         let template = primary_template(id)
             .map_err(|e| RootError::Device(format!("building the primary key template: {e}")))?;
         let mut attempt = 0;
         let handle = loop {
-            let res = self.ctx.execute_with_session(Some(AuthSession::Password), |ctx| {
-                ctx.create_primary(Hierarchy::Owner, template.clone(), None, None, None, None)
-            });
+            let res = self
+                .ctx
+                .execute_with_session(Some(AuthSession::Password), |ctx| {
+                    ctx.create_primary(Hierarchy::Owner, template.clone(), None, None, None, None)
+                });
             match res {
                 Ok(r) => break r.key_handle,
-                Err(e) if attempt == 0 && Self::is_object_memory(&e) => {
+                Err(e) if attempt < 2 && Self::is_object_memory(&e) => {
                     attempt += 1;
-                    self.evict_primaries(None, 0)?;
-                    self.flush_stale_transients()?;
+                    if attempt == 1 {
+                        self.evict_primaries(None, 0)?;
+                    } else {
+                        self.flush_all_transients()?;
+                    }
                 }
                 Err(e) => {
-                    return Err(self.err(
-                        &format!("deriving the TPM primary key {}", id.label()),
-                        e,
-                    ))
+                    return Err(self.err(&format!("deriving the TPM primary key {}", id.label()), e))
                 }
             }
         };
-        self.primaries.push((id, handle));
+        let name = match self.ctx.tr_get_name(handle.into()) {
+            Ok(n) => n,
+            Err(e) => {
+                let _ = self.ctx.flush_context(handle.into());
+                return Err(self.err("reading the primary key name", e));
+            }
+        };
+        self.primaries.push((id, handle, name));
         Ok(handle)
     }
 
     /// Flushes a cached primary if loaded.
     fn forget_primary(&mut self, id: PrimaryId) -> Result<(), RootError> {
-        if let Some(pos) = self.primaries.iter().position(|(p, _)| *p == id) {
-            let (_, handle) = self.primaries.remove(pos);
+        if let Some(pos) = self.primaries.iter().position(|(p, _, _)| *p == id) {
+            let (_, handle, _) = self.primaries.remove(pos);
             if let Err(e) = self.ctx.flush_context(handle.into()) {
                 return Err(self.err(&format!("flushing primary {}", id.label()), e));
             }
@@ -627,7 +727,7 @@ impl Conn {
         Ok(())
     }
 
-    /// Loads `blob` under `parent` (retrying once after freeing slots).
+    /// Loads `blob` under `parent` (retrying after freeing slots).
     fn load(
         &mut self,
         parent_id: PrimaryId,
@@ -637,16 +737,29 @@ impl Conn {
         let mut attempt = 0;
         loop {
             let parent = self.primary(parent_id)?;
-            let res = self.ctx.execute_with_session(Some(AuthSession::Password), |ctx| {
-                ctx.load(parent, blob.private.clone(), blob.public.clone())
-            });
+            let res = self
+                .ctx
+                .execute_with_session(Some(AuthSession::Password), |ctx| {
+                    ctx.load(parent, blob.private.clone(), blob.public.clone())
+                });
             match res {
                 Ok(h) => return Ok(h),
-                Err(e) if attempt == 0 && Self::is_object_memory(&e) => {
+                Err(e) if attempt < 2 && Self::is_object_memory(&e) => {
                     attempt += 1;
-                    self.evict_primaries(Some(parent_id), 1)?;
+                    if attempt == 1 {
+                        self.evict_primaries(Some(parent_id), 1)?;
+                    } else {
+                        // Re-derives the parent on the next turn.
+                        self.flush_all_transients()?;
+                    }
                 }
-                Err(e) => return Err(self.load_err(what, e)),
+                Err(e) if classify(&e) == Class::Link => return Err(self.err(what, e)),
+                Err(e) => {
+                    if let Some(lost) = self.primary_lost(parent_id, what) {
+                        return Err(lost);
+                    }
+                    return Err(self.load_err(what, e));
+                }
             }
         }
     }
@@ -659,6 +772,10 @@ impl Conn {
     ) -> Result<T, RootError> {
         let res = f(self);
         let flushed = self.ctx.flush_context(handle.into());
+        if flushed.is_err() {
+            let mut obj: ObjectHandle = handle.into();
+            let _ = self.ctx.tr_close(&mut obj);
+        }
         match (res, flushed) {
             (Ok(v), Ok(())) => Ok(v),
             (Ok(_), Err(e)) => Err(self.err("flushing a loaded TPM object", e)),
@@ -863,7 +980,7 @@ impl TpmRoot {
         let res = f(conn, &state.retired);
         if conn.broken {
             tracing::warn!(tcti = %self.tcti, "TPM connection lost; reconnecting on the next request");
-            // Dropping the Context tries to flush its handles and fails fast.
+            conn.abandon();
             state.conn = None;
         }
         res
@@ -927,6 +1044,7 @@ impl RootOfTrust for TpmRoot {
         if let Some(conn) = state.conn.as_mut() {
             let res = conn.forget_primary(PrimaryId::Root(version));
             if conn.broken {
+                conn.abandon();
                 state.conn = None;
             }
             if let Err(e) = res {
@@ -952,15 +1070,24 @@ impl RootOfTrust for TpmRoot {
             } else {
                 None
             };
-            let template = sealed_template(with_auth, policy)
-                .map_err(|e| RootError::Device(format!("building the sealed object template: {e}")))?;
+            let template = sealed_template(with_auth, policy).map_err(|e| {
+                RootError::Device(format!("building the sealed object template: {e}"))
+            })?;
             let parent = conn.primary(PrimaryId::Root(version))?;
             let created = conn
                 .ctx
                 .execute_with_session(Some(AuthSession::Password), |ctx| {
                     ctx.create(parent, template, auth, Some(data), None, None)
                 })
-                .map_err(|e| conn.err(&format!("sealing a DEK under root key version {version}"), e))?;
+                .map_err(|e| {
+                    let what = format!("sealing a DEK under root key version {version}");
+                    if classify(&e) != Class::Link {
+                        if let Some(lost) = conn.primary_lost(PrimaryId::Root(version), &what) {
+                            return lost;
+                        }
+                    }
+                    conn.err(&what, e)
+                })?;
             Ok((created.out_public, created.out_private))
         })?;
         let mut head = vec![TAG_SEALED_DEK];
@@ -1070,7 +1197,15 @@ impl RootOfTrust for TpmRoot {
                 .execute_with_session(Some(AuthSession::Password), |ctx| {
                     ctx.create(parent, template, auth, None, None, None)
                 })
-                .map_err(|e| conn.err("creating a TPM signing key", e))?;
+                .map_err(|e| {
+                    let what = "creating a TPM signing key";
+                    if classify(&e) != Class::Link {
+                        if let Some(lost) = conn.primary_lost(PrimaryId::Signing, what) {
+                            return lost;
+                        }
+                    }
+                    conn.err(what, e)
+                })?;
             Ok((created.out_public, created.out_private))
         })?;
         Ok(SigningKeyRef {
@@ -1218,7 +1353,12 @@ mod tests {
 
     #[test]
     fn blob_parser_rejects_garbage() {
-        for b in [&[][..], &[0x01], &[0x09, 0, 0, 0, 0], &[0x01, 0, 0, 0, 0, 0, 0, 0, 9]] {
+        for b in [
+            &[][..],
+            &[0x01],
+            &[0x09, 0, 0, 0, 0],
+            &[0x01, 0, 0, 0, 0, 0, 0, 0, 9],
+        ] {
             assert!(matches!(
                 parse_object(b, TAG_SEALED_DEK, "x"),
                 Err(RootError::Integrity(_))
@@ -1228,6 +1368,49 @@ mod tests {
             parse_object(&[0x01, 0xff, 0, 0, 0], TAG_SEALED_DEK, "x"),
             Err(RootError::Integrity(_))
         ));
+    }
+
+    fn rc(raw: u32) -> tss_esapi::Error {
+        tss_esapi::Error::Tss2Error(Tss2ResponseCode::from(raw))
+    }
+
+    #[test]
+    fn classify_response_codes() {
+        // TCTI IO error, ESYS bad sequence / IO error: the link.
+        assert_eq!(classify(&rc(0x000a_000a)), Class::Link);
+        assert_eq!(classify(&rc(0x0007_0007)), Class::Link);
+        assert_eq!(classify(&rc(0x0007_000a)), Class::Link);
+        // TPM_RC_INTEGRITY on parameter 1 (format one).
+        assert_eq!(
+            classify(&rc(0x1df)),
+            Class::Tpm {
+                kind: Some(Tss2ResponseCodeKind::Integrity),
+                format_one: true,
+                warning: false
+            }
+        );
+        // TPM_RC_OBJECT_MEMORY and TPM_RC_REFERENCE_H0 are warnings.
+        assert!(Conn::is_object_memory(&rc(0x902)));
+        assert!(matches!(
+            classify(&rc(0x910)),
+            Class::Tpm { kind: Some(k), warning: true, .. } if is_reference_kind(k)
+        ));
+        // TPM_RC_POLICY_FAIL in session 1.
+        assert!(matches!(
+            classify(&rc(0x99d)),
+            Class::Tpm {
+                kind: Some(Tss2ResponseCodeKind::PolicyFail),
+                ..
+            }
+        ));
+        // An MU (marshalling) error and a wrapper error are local.
+        assert_eq!(classify(&rc(0x0009_000b)), Class::Local);
+        assert_eq!(
+            classify(&tss_esapi::Error::WrapperError(
+                tss_esapi::WrapperErrorKind::InvalidParam
+            )),
+            Class::Local
+        );
     }
 
     #[test]

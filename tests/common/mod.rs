@@ -1,0 +1,102 @@
+//! Shared test support: a root of trust on real SoftHSM2 or real swtpm.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+
+use keyseal::root::pkcs11::Pkcs11Root;
+use keyseal::root::tpm::{TpmConfig, TpmRoot};
+use keyseal::root::RootOfTrust;
+use keyseal::secrets::{SecretStore, SecretsConfig};
+use keyseal::store::Store;
+use keyseal::testkit::Swtpm;
+use keyseal::testkit_hsm::SoftHsm;
+
+#[derive(Debug, Clone, Copy)]
+pub enum Backend {
+    SoftHsm,
+    Tpm,
+}
+
+/// The device behind a test: keeps the emulator alive and can open the root
+/// again (as a restarted daemon would).
+pub enum Device {
+    SoftHsm(SoftHsm),
+    Tpm(Swtpm),
+}
+
+impl Device {
+    pub fn start(b: Backend) -> Device {
+        match b {
+            Backend::SoftHsm => Device::SoftHsm(SoftHsm::new().unwrap()),
+            Backend::Tpm => Device::Tpm(Swtpm::start().unwrap()),
+        }
+    }
+
+    pub fn open_root(&self) -> Arc<dyn RootOfTrust> {
+        match self {
+            Device::SoftHsm(h) => Arc::new(Pkcs11Root::open(&h.config()).unwrap()),
+            Device::Tpm(t) => Arc::new(
+                TpmRoot::open(&TpmConfig {
+                    tcti: t.tcti(),
+                    auth_value: None,
+                    pcrs: vec![],
+                })
+                .unwrap(),
+            ),
+        }
+    }
+}
+
+/// A device, a temp store directory, and an opened, initialised SecretStore.
+pub struct Fixture {
+    pub device: Device,
+    pub dir: tempfile::TempDir,
+    pub cfg: SecretsConfig,
+}
+
+impl Fixture {
+    pub fn new(b: Backend) -> (Fixture, SecretStore) {
+        Self::with_config(b, SecretsConfig::default())
+    }
+
+    pub fn with_config(b: Backend, cfg: SecretsConfig) -> (Fixture, SecretStore) {
+        let device = Device::start(b);
+        let dir = tempfile::tempdir().unwrap();
+        let f = Fixture { device, dir, cfg };
+        let root = f.device.open_root();
+        let store = Store::open(&f.store_path()).unwrap();
+        SecretStore::init(&store, root.as_ref()).unwrap();
+        let s = SecretStore::open(store, root, f.cfg.clone()).unwrap();
+        (f, s)
+    }
+
+    pub fn store_path(&self) -> std::path::PathBuf {
+        self.dir.path().join("store")
+    }
+
+    /// Reopens store and root (drop the old SecretStore first).
+    pub fn reopen(&self) -> SecretStore {
+        let root = self.device.open_root();
+        let store = Store::open(&self.store_path()).unwrap();
+        SecretStore::open(store, root, self.cfg.clone()).unwrap()
+    }
+}
+
+/// Generates one test per backend from a function `fn(Backend)`.
+#[macro_export]
+macro_rules! both_backends {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[test]
+                fn softhsm() {
+                    super::$name($crate::common::Backend::SoftHsm)
+                }
+                #[test]
+                fn swtpm() {
+                    super::$name($crate::common::Backend::Tpm)
+                }
+            }
+        )*
+    };
+}
