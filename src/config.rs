@@ -151,6 +151,8 @@ pub struct Config {
 impl Config {
     /// Reads and resolves the config file at `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let abs_path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        let path = abs_path.as_path();
         let err = |message: String| ConfigError {
             path: path.display().to_string(),
             message,

@@ -9,20 +9,20 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
+pub mod api;
+pub mod client;
+pub mod config;
+pub mod daemon;
 pub mod envelope;
+pub mod exit;
 pub mod hardening;
+pub mod identity;
 pub mod name;
+pub mod policy;
 pub mod root;
 pub mod secrets;
 pub mod store;
-pub mod testkit;
-pub mod testkit_hsm;
-// WIP pub mod api;
-pub mod config;
-// WIP pub mod daemon;
-pub mod exit;
-// WIP pub mod client;
-pub mod identity;
-pub mod policy;
 #[allow(unsafe_code)]
 pub(crate) mod sys;
+pub mod testkit;
+pub mod testkit_hsm;

@@ -1,1 +1,265 @@
-fn main(){}
+//! `keyseald`: the keyseal daemon. Serves the gRPC API on a Unix socket.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+
+use clap::Parser;
+use keyseal::api::DaemonState;
+use keyseal::config::{Config, LogFormat, DEFAULT_CONFIG_PATH};
+use keyseal::daemon::{bind_socket, sd_notify, serve, serve_credentials};
+use keyseal::exit;
+use keyseal::policy::{Policy, PolicyHandle};
+use keyseal::secrets::SecretStore;
+use keyseal::store::Store;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "keyseald",
+    version,
+    about = "keyseal daemon: secrets sealed under a hardware root of trust"
+)]
+struct Args {
+    /// Path of the TOML config file.
+    #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+    config: std::path::PathBuf,
+    /// Check the config and policy, open the root device and the store, then exit.
+    #[arg(long)]
+    check: bool,
+}
+
+fn fail(code: i32, msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("keyseald: {msg}");
+    ExitCode::from(code as u8)
+}
+
+fn init_logging(cfg: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KEYSEAL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log_level));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cfg.log_format {
+        LogFormat::Json => b.json().with_current_span(true).init(),
+        LogFormat::Human => b.init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    // tpm2-tss logs expected failures (e.g. integrity errors) to stderr;
+    // keyseal reports them itself.
+    if std::env::var_os("TSS2_LOG").is_none() {
+        std::env::set_var("TSS2_LOG", "all+NONE");
+    }
+    let cfg = match Config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => return fail(exit::CONFIG, e),
+    };
+    init_logging(&cfg);
+    let hardening = match keyseal::hardening::harden(cfg.lock_memory) {
+        Ok(h) => h,
+        Err(e) => return fail(exit::CONFIG, e),
+    };
+    if let Some(note) = &hardening.memory_lock_note {
+        tracing::warn!(note = %note, "memory not locked");
+    }
+    let policy = match &cfg.policy_path {
+        Some(p) => match Policy::load(p) {
+            Ok(p) => p,
+            Err(e) => return fail(exit::CONFIG, format!("policy: {e}")),
+        },
+        None => {
+            tracing::warn!("no policy.path configured: every request is denied");
+            Policy::empty()
+        }
+    };
+    let root = match cfg.root.open() {
+        Ok(r) => r,
+        Err(e) => return fail(exit::of_root(&e), e),
+    };
+    if !cfg.store_path.exists() {
+        // Never create a store implicitly: that is `keyseal init`'s job.
+        return fail(
+            exit::CONFIG,
+            format!(
+                "store {} does not exist: run `keyseal init --config {}` first (or fix store.path)",
+                cfg.store_path.display(),
+                args.config.display()
+            ),
+        );
+    }
+    let store = match Store::open(&cfg.store_path) {
+        Ok(s) => s,
+        Err(e) => {
+            let code = match e {
+                keyseal::store::StoreError::SchemaTooNew { .. } => exit::CONFIG,
+                _ => exit::IO,
+            };
+            return fail(code, e);
+        }
+    };
+    let secrets = match SecretStore::open(store, root, cfg.secrets_config()) {
+        Ok(s) => Arc::new(s),
+        Err(keyseal::secrets::SecretsError::NotInitialised) => {
+            return fail(
+                exit::CONFIG,
+                format!(
+                    "store {} is not initialised: run `keyseal init --config {}` first",
+                    cfg.store_path.display(),
+                    args.config.display()
+                ),
+            )
+        }
+        Err(e) => return fail(exit::of_secrets(&e), e),
+    };
+    if args.check {
+        println!("keyseald: config, policy, root device and store are OK");
+        return ExitCode::SUCCESS;
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(
+            std::env::var("KEYSEAL_WORKERS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| {
+                    std::thread::available_parallelism()
+                        .map(|n| n.get())
+                        .unwrap_or(2)
+                }),
+        )
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(exit::FAILURE, format!("cannot start the runtime: {e}")),
+    };
+    rt.block_on(run(
+        cfg,
+        args.config,
+        secrets,
+        PolicyHandle::new(policy),
+        hardening,
+    ))
+}
+
+async fn run(
+    cfg: Config,
+    config_path: std::path::PathBuf,
+    secrets: Arc<SecretStore>,
+    policy: PolicyHandle,
+    hardening: keyseal::hardening::HardeningReport,
+) -> ExitCode {
+    use tokio::signal::unix::{signal, SignalKind};
+    let listener = match keyseal::daemon::listener_from_env_or_bind(
+        &cfg.socket,
+        cfg.socket_mode,
+        cfg.socket_group.as_deref(),
+    ) {
+        Ok(l) => l,
+        Err(e) => {
+            return fail(
+                exit::CANT_CREATE,
+                format!("cannot listen on {}: {e}", cfg.socket.display()),
+            )
+        }
+    };
+    let creds = match &cfg.credentials_socket {
+        Some(p) => match bind_socket(p, 0o600, None).and_then(tokio::net::UnixListener::from_std) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                return fail(
+                    exit::CANT_CREATE,
+                    format!("cannot listen on {}: {e}", p.display()),
+                )
+            }
+        },
+        None => None,
+    };
+    let (events, _) = tokio::sync::broadcast::channel(1024);
+    let state = Arc::new(DaemonState {
+        secrets: secrets.clone(),
+        policy: policy.clone(),
+        started: Instant::now(),
+        hardening,
+        events,
+        request_timeout: cfg.request_timeout,
+    });
+    // An interrupted root rotation resumes in the background.
+    if let Ok(Some(to)) = secrets.pending_rotation() {
+        tracing::warn!(to, "resuming an interrupted root rotation");
+        let s = secrets.clone();
+        tokio::task::spawn_blocking(move || {
+            match s.rotate_root(&mut |_| std::ops::ControlFlow::Continue(())) {
+                Ok(o) => tracing::info!(outcome = ?o, "resumed root rotation finished"),
+                Err(e) => {
+                    tracing::error!(error = %e, "resumed root rotation failed; run `keyseal root rotate`")
+                }
+            }
+        });
+    }
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (mut term, mut int, mut hup) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) {
+        (Ok(a), Ok(b), Ok(c)) => (a, b, c),
+        _ => return fail(exit::FAILURE, "cannot install signal handlers"),
+    };
+    let policy_path = cfg.policy_path.clone();
+    let signals = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+                _ = hup.recv() => {
+                    match &policy_path {
+                        Some(p) => match policy.reload_from(p) {
+                            Ok(()) => {
+                                tracing::info!(rules = policy.current().rule_count(), "policy reloaded");
+                                sd_notify("STATUS=policy reloaded");
+                            }
+                            Err(e) => tracing::error!(error = %e, "policy reload rejected; keeping the old policy"),
+                        },
+                        None => tracing::warn!("SIGHUP: no policy.path configured"),
+                    }
+                }
+            }
+        }
+        tracing::info!("shutting down: finishing in-flight requests");
+        sd_notify("STOPPING=1");
+        let _ = stop_tx.send(true);
+    });
+    let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|v| *v).await;
+    };
+    if let Some(l) = creds {
+        tokio::spawn(serve_credentials(
+            state.clone(),
+            l,
+            vec![0],
+            wait(stop_rx.clone()),
+        ));
+    }
+    tracing::info!(
+        socket = %cfg.socket.display(),
+        backend = %secrets.envelope().root().kind(),
+        root_version = secrets.envelope().active_version(),
+        config = %config_path.display(),
+        "keyseald ready"
+    );
+    sd_notify(&format!(
+        "READY=1\nSTATUS=serving on {}",
+        cfg.socket.display()
+    ));
+    let res = serve(state, listener, wait(stop_rx)).await;
+    signals.abort();
+    match res {
+        Ok(()) => {
+            tracing::info!("stopped");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(exit::FAILURE, format!("server error: {e}")),
+    }
+}
