@@ -11,6 +11,8 @@ use keyseal::store::Store;
 use keyseal::testkit::Swtpm;
 use keyseal::testkit_hsm::SoftHsm;
 
+pub mod daemon;
+
 #[derive(Debug, Clone, Copy)]
 pub enum Backend {
     SoftHsm,
