@@ -366,6 +366,38 @@ impl SecretStore {
         Ok(out)
     }
 
+    /// The newest active version, scanning from the newest down (a warm
+    /// get decodes one record, not the whole history).
+    fn latest_active(&self, name: &str) -> Result<Option<VersionRecord>, SecretsError> {
+        for kv in self.store.versions.scan_prefix(versions_prefix(name)).rev() {
+            let (_, v) = kv?;
+            let r: VersionRecord = decode("versions", &v)?;
+            if r.state == VersionState::Active {
+                return Ok(Some(r));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Version numbers stored for `name`, oldest first (keys only, no decoding).
+    fn version_numbers(&self, name: &str) -> Result<Vec<u64>, SecretsError> {
+        let mut out = Vec::new();
+        for k in self
+            .store
+            .versions
+            .scan_prefix(versions_prefix(name))
+            .keys()
+        {
+            let k = k?;
+            let (_, v) = split_version_key(&k).ok_or_else(|| StoreError::Corrupt {
+                tree: "versions",
+                reason: "bad key".into(),
+            })?;
+            out.push(v);
+        }
+        Ok(out)
+    }
+
     /// Stores a new version of `name`; returns its version number.
     pub fn put(
         &self,
@@ -429,7 +461,7 @@ impl SecretStore {
             .max_versions
             .unwrap_or(self.cfg.default_max_versions)
             .max(1) as usize;
-        let existing: Vec<u64> = self.records(n)?.iter().map(|r| r.version).collect();
+        let existing = self.version_numbers(n)?;
         let prune: Vec<u64> = if existing.len() + 1 > keep {
             existing[..existing.len() + 1 - keep].to_vec()
         } else {
@@ -485,12 +517,7 @@ impl SecretStore {
         let rec = match version {
             Some(0) => return Err(SecretsError::InvalidArgument("versions start at 1".into())),
             Some(v) => self.record(n, v)?.ok_or(SecretsError::VersionNotFound(v))?,
-            None => self
-                .records(n)?
-                .into_iter()
-                .rev()
-                .find(|r| r.state == VersionState::Active)
-                .ok_or(SecretsError::NotFound)?,
+            None => self.latest_active(n)?.ok_or(SecretsError::NotFound)?,
         };
         match rec.state {
             VersionState::Deleted(_) => return Err(SecretsError::VersionDeleted(rec.version)),
@@ -586,12 +613,7 @@ impl SecretStore {
         let n = name.as_str();
         let mut meta = self.meta(n)?.ok_or(SecretsError::NotFound)?;
         let targets: Vec<u64> = if versions.is_empty() {
-            let latest = self
-                .records(n)?
-                .into_iter()
-                .rev()
-                .find(|r| r.state == VersionState::Active)
-                .ok_or(SecretsError::NotFound)?;
+            let latest = self.latest_active(n)?.ok_or(SecretsError::NotFound)?;
             vec![latest.version]
         } else {
             versions.to_vec()

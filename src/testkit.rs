@@ -109,17 +109,22 @@ fn swtpm_port_free(port: u16) -> bool {
 }
 
 /// A port N such that N and N+1 are both free on 127.0.0.1 right now.
+///
+/// Candidates come from 10000..30000, below Linux's ephemeral range
+/// (32768..60999): tpm2-tss's swtpm TCTI opens a TCP connection per TPM
+/// command, so a busy test run leaves tens of thousands of client sockets in
+/// TIME_WAIT on ephemeral ports, and a pair picked there collides often.
 fn swtpm_free_port_pair() -> std::io::Result<u16> {
-    for _ in 0..100 {
-        let probe = std::net::TcpListener::bind(("127.0.0.1", 0))?;
-        let port = probe.local_addr()?.port();
-        if port < u16::MAX && swtpm_port_free(port + 1) {
-            drop(probe);
+    use rand::Rng;
+    let mut rng = rand::thread_rng();
+    for _ in 0..200 {
+        let port: u16 = rng.gen_range(10_000..30_000);
+        if swtpm_port_free(port) && swtpm_port_free(port + 1) {
             return Ok(port);
         }
     }
     Err(std::io::Error::other(
-        "no free pair of consecutive TCP ports on 127.0.0.1",
+        "no free pair of consecutive TCP ports on 127.0.0.1 in 10000..30000",
     ))
 }
 
