@@ -5,6 +5,7 @@
 //! Architecture invariant: handlers never trust request fields for identity;
 //! the [`Caller`] comes from the connection (see `crate::daemon`).
 
+mod redact;
 pub mod secrets_svc;
 pub mod system_svc;
 
