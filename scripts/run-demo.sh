@@ -56,9 +56,15 @@ cat > "$demo/policy.toml" <<TOML
 # Development policy written by scripts/run-demo.sh: the user who ran the
 # demo (uid $uid) may do everything. Default deny for everyone else.
 [[rule]]
-name = "demo operator"
-capabilities = ["secret:read", "secret:write", "secret:delete", "secret:destroy", "system:admin", "audit:read"]
+name = "demo operator: secrets"
+capabilities = ["secret:read", "secret:write", "secret:delete", "secret:destroy"]
 names = ["**"]
+[rule.match]
+uid = $uid
+
+[[rule]]
+name = "demo operator: admin"
+capabilities = ["system:admin", "audit:read"]
 [rule.match]
 uid = $uid
 TOML
@@ -72,7 +78,12 @@ export SOFTHSM2_CONF
 nohup "$bin/keyseald" --config "$demo/keyseald.toml" > "$demo/keyseald.log" 2>&1 &
 echo $! > "$demo/keyseald.pid"
 export KEYSEAL_SOCKET=$demo/keyseal.sock
-for _ in $(seq 100); do [ -S "$KEYSEAL_SOCKET" ] && "$bin/keyseal" status >/dev/null 2>&1 && break; sleep 0.1; done
+pid=$(cat "$demo/keyseald.pid")
+for _ in $(seq 100); do
+  kill -0 "$pid" 2>/dev/null || { echo "keyseald exited; its log:" >&2; cat "$demo/keyseald.log" >&2; exit 1; }
+  [ -S "$KEYSEAL_SOCKET" ] && "$bin/keyseal" status >/dev/null 2>&1 && break
+  sleep 0.1
+done
 "$bin/keyseal" status
 
 echo

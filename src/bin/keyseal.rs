@@ -633,7 +633,14 @@ async fn rotate(socket: &std::path::Path) -> Res {
         .await?
         .into_inner();
     let tty = std::io::stderr().is_terminal();
+    let mut last = None;
     while let Some(p) = s.message().await? {
+        // The final verification pass repeats the last figures; show them once.
+        let key = (p.from_version, p.to_version, p.done, p.total, p.rewrapped, p.completed);
+        if last == Some(key) {
+            continue;
+        }
+        last = Some(key);
         if p.completed {
             if tty {
                 eprintln!();
