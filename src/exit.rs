@@ -32,6 +32,7 @@ pub fn of_root(e: &RootError) -> i32 {
         RootError::Auth(_) => NO_PERM,
         RootError::NotInitialised(_) | RootError::Config(_) => CONFIG,
         RootError::Integrity(_) => DATA,
+        RootError::Unsupported(_) => DATA,
     }
 }
 

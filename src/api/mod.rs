@@ -114,6 +114,7 @@ pub fn status_of(e: SecretsError) -> Status {
         SecretsError::RotationBusy => Status::aborted(msg),
         SecretsError::Integrity(_) => Status::data_loss(msg),
         SecretsError::Root(RootError::Config(_)) => Status::failed_precondition(msg),
+        SecretsError::Root(RootError::Unsupported(_)) => Status::unimplemented(msg),
         SecretsError::Root(_) => Status::unavailable(msg),
         SecretsError::Store(StoreError::NoSpace(_)) => Status::resource_exhausted(msg),
         SecretsError::Store(_) => Status::internal(msg),

@@ -88,10 +88,36 @@ impl fmt::Display for BackendKind {
 }
 
 /// Signature algorithms a hardware-held key can use.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum SignAlg {
     /// ECDSA over NIST P-256 with SHA-256; signatures are DER (RFC 3279).
     EcdsaP256Sha256,
+    /// Ed25519 (pure EdDSA, RFC 8032); 64-byte signatures. PKCS#11 only,
+    /// where the token supports CKM_EDDSA.
+    Ed25519,
+    /// RSA-3072, RSASSA-PSS with SHA-256, MGF1-SHA-256, salt length 32.
+    RsaPss3072Sha256,
+}
+
+impl SignAlg {
+    /// Stable name used in config, CLI and API (`ecdsa-p256`, `ed25519`, `rsa-pss-3072`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SignAlg::EcdsaP256Sha256 => "ecdsa-p256",
+            SignAlg::Ed25519 => "ed25519",
+            SignAlg::RsaPss3072Sha256 => "rsa-pss-3072",
+        }
+    }
+
+    /// Parses [`SignAlg::as_str`].
+    pub fn parse(s: &str) -> Option<SignAlg> {
+        match s {
+            "ecdsa-p256" => Some(SignAlg::EcdsaP256Sha256),
+            "ed25519" => Some(SignAlg::Ed25519),
+            "rsa-pss-3072" => Some(SignAlg::RsaPss3072Sha256),
+            _ => None,
+        }
+    }
 }
 
 /// A reference to a hardware-held signing key, persisted by the caller.
@@ -136,6 +162,9 @@ pub enum RootError {
     /// Any other device error.
     #[error("root device error: {0}")]
     Device(String),
+    /// The device cannot do this (e.g. Ed25519 on a TPM).
+    #[error("not supported by the root device: {0}")]
+    Unsupported(String),
 }
 
 /// The hardware root of trust. Implementations are `Send + Sync` and safe to
@@ -170,8 +199,13 @@ pub trait RootOfTrust: Send + Sync {
     /// The public key as DER SubjectPublicKeyInfo.
     fn public_key_spki(&self, key: &SigningKeyRef) -> Result<Vec<u8>, RootError>;
 
-    /// Signs `message` (hashed inside with the algorithm's hash).
+    /// Signs `message` (hashed with SHA-256 for ECDSA and RSA-PSS; whole
+    /// for Ed25519). ECDSA signatures are DER; RSA-PSS 384 bytes; Ed25519 64.
     fn sign(&self, key: &SigningKeyRef, message: &[u8]) -> Result<Vec<u8>, RootError>;
+
+    /// Signs a prehashed SHA-256 `digest` (32 bytes) with an ECDSA or RSA-PSS
+    /// key; Ed25519 keys refuse with [`RootError::Unsupported`].
+    fn sign_digest(&self, key: &SigningKeyRef, digest: &[u8]) -> Result<Vec<u8>, RootError>;
 
     /// Destroys a signing key.
     fn destroy_signing_key(&self, key: &SigningKeyRef) -> Result<(), RootError>;

@@ -444,7 +444,12 @@ impl RootOfTrust for Pkcs11Root {
     }
 
     fn create_signing_key(&self, label: &str, alg: SignAlg) -> Result<SigningKeyRef, RootError> {
-        let SignAlg::EcdsaP256Sha256 = alg;
+        if alg != SignAlg::EcdsaP256Sha256 {
+            return Err(RootError::Unsupported(format!(
+                "{} keys are not implemented on the PKCS#11 backend yet",
+                alg.as_str()
+            )));
+        }
         let _g = self.create_lock.lock();
         if self.find(label, ObjectClass::PRIVATE_KEY)?.is_some() {
             return Err(RootError::Device(format!(
@@ -499,10 +504,16 @@ impl RootOfTrust for Pkcs11Root {
     }
 
     fn sign(&self, key: &SigningKeyRef, message: &[u8]) -> Result<Vec<u8>, RootError> {
+        self.sign_digest(key, &Sha256::digest(message))
+    }
+
+    fn sign_digest(&self, key: &SigningKeyRef, digest: &[u8]) -> Result<Vec<u8>, RootError> {
+        if digest.len() != 32 {
+            return Err(RootError::Config("a SHA-256 digest is 32 bytes".into()));
+        }
         let (_, h) = self.private_key(key)?;
-        let digest = Sha256::digest(message);
         let raw = self
-            .with_session(|s| s.sign(&Mechanism::Ecdsa, h, &digest))?
+            .with_session(|s| s.sign(&Mechanism::Ecdsa, h, digest))?
             .map_err(|e| device_err("sign", e))?;
         ecdsa_raw_to_der(&raw)
     }

@@ -1186,6 +1186,12 @@ impl RootOfTrust for TpmRoot {
     fn create_signing_key(&self, _label: &str, alg: SignAlg) -> Result<SigningKeyRef, RootError> {
         match alg {
             SignAlg::EcdsaP256Sha256 => {}
+            other => {
+                return Err(RootError::Unsupported(format!(
+                    "{} keys are not implemented on the TPM backend yet",
+                    other.as_str()
+                )))
+            }
         }
         let auth = self.auth()?;
         let template = signing_template(auth.is_some())
@@ -1220,6 +1226,13 @@ impl RootOfTrust for TpmRoot {
     }
 
     fn sign(&self, key: &SigningKeyRef, message: &[u8]) -> Result<Vec<u8>, RootError> {
+        self.sign_digest(key, &Sha256::digest(message))
+    }
+
+    fn sign_digest(&self, key: &SigningKeyRef, digest: &[u8]) -> Result<Vec<u8>, RootError> {
+        if digest.len() != 32 {
+            return Err(RootError::Config("a SHA-256 digest is 32 bytes".into()));
+        }
         let blob = parse_object(&key.handle, TAG_SIGNING_KEY, "signing key reference")?;
         p256_point(&blob.public)?;
         let uses_auth = !blob.public.object_attributes().no_da();
@@ -1233,7 +1246,7 @@ impl RootOfTrust for TpmRoot {
         } else {
             None
         };
-        let digest = Digest::try_from(Sha256::digest(message).to_vec())
+        let digest = Digest::try_from(digest.to_vec())
             .map_err(|e| RootError::Device(format!("message digest: {e}")))?;
         let validation = HashcheckTicket::try_from(TPMT_TK_HASHCHECK {
             tag: TPM2_ST_HASHCHECK,
