@@ -257,6 +257,22 @@ fn split_version_key(k: &[u8]) -> Option<(&str, u64)> {
     Some((std::str::from_utf8(name).ok()?, v))
 }
 
+fn sealed_key(kind: &str, name: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(kind.len() + name.len() + 1);
+    k.extend_from_slice(kind.as_bytes());
+    k.push(0);
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
+fn split_sealed_key(k: &[u8]) -> Option<(&str, &str)> {
+    let i = k.iter().position(|b| *b == 0)?;
+    Some((
+        std::str::from_utf8(&k[..i]).ok()?,
+        std::str::from_utf8(&k[i + 1..]).ok()?,
+    ))
+}
+
 fn binding(name: &str, version: u64) -> Binding {
     Binding::new(KIND_SECRET, name, version)
 }
@@ -272,6 +288,7 @@ pub struct SecretStore {
     /// under the old version can land after the rewrap pass.
     seal_gate: RwLock<()>,
     rotation: Mutex<()>,
+    singleton_lock: Mutex<()>,
 }
 
 impl SecretStore {
@@ -317,6 +334,7 @@ impl SecretStore {
             stripes: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
             seal_gate: RwLock::new(()),
             rotation: Mutex::new(()),
+            singleton_lock: Mutex::new(()),
         })
     }
 
@@ -705,6 +723,59 @@ impl SecretStore {
         Ok(done)
     }
 
+    /// Seals a singleton value of the daemon itself (kind, name) — e.g. the
+    /// API-key pepper — replacing any previous one. Root rotation rewraps it
+    /// like every secret.
+    pub fn seal_value(&self, kind: &str, name: &str, plaintext: &[u8]) -> Result<(), SecretsError> {
+        let _g = self.seal_gate.read();
+        let b = Binding::new(kind, name, 0);
+        let sealed = self.envelope.seal(&b, plaintext).map_err(env_err)?;
+        self.store
+            .sealed
+            .insert(sealed_key(kind, name), encode(&sealed)?)?;
+        self.store.flush()?;
+        Ok(())
+    }
+
+    /// Opens a singleton sealed with [`SecretStore::seal_value`], if present.
+    pub fn open_value(
+        &self,
+        kind: &str,
+        name: &str,
+    ) -> Result<Option<Zeroizing<Vec<u8>>>, SecretsError> {
+        let Some(raw) = self.store.sealed.get(sealed_key(kind, name))? else {
+            return Ok(None);
+        };
+        let sealed: Sealed = decode("sealed", &raw)?;
+        let b = Binding::new(kind, name, 0);
+        self.envelope
+            .open(&b, &sealed)
+            .map(Some)
+            .map_err(|e| match e {
+                EnvelopeError::Integrity => {
+                    SecretsError::Integrity(format!("sealed {kind}/{name}"))
+                }
+                other => env_err(other),
+            })
+    }
+
+    /// Opens the singleton (kind, name), creating it with `make` first when
+    /// absent. Serialised, so two callers never create two different values.
+    pub fn open_or_create_value(
+        &self,
+        kind: &str,
+        name: &str,
+        make: impl FnOnce() -> Zeroizing<Vec<u8>>,
+    ) -> Result<Zeroizing<Vec<u8>>, SecretsError> {
+        let _l = self.singleton_lock.lock();
+        if let Some(v) = self.open_value(kind, name)? {
+            return Ok(v);
+        }
+        let v = make();
+        self.seal_value(kind, name, &v)?;
+        Ok(v)
+    }
+
     /// The version a pending (interrupted) rotation is heading to, if any.
     pub fn pending_rotation(&self) -> Result<Option<u32>, SecretsError> {
         Ok(self.store.root_state()?.and_then(|s| s.rotating_to))
@@ -752,12 +823,27 @@ impl SecretStore {
         }
         let mut rewrapped = 0u64;
         loop {
-            let total = self.store.versions.len() as u64;
+            let total = (self.store.versions.len() + self.store.sealed.len()) as u64;
             let mut changed = 0u64;
-            for (i, kv) in self.store.versions.iter().enumerate() {
-                let (k, _) = kv?;
+            let records = self
+                .store
+                .versions
+                .iter()
+                .map(|kv| kv.map(|(k, _)| (false, k)));
+            let singletons = self
+                .store
+                .sealed
+                .iter()
+                .map(|kv| kv.map(|(k, _)| (true, k)));
+            for (i, kv) in records.chain(singletons).enumerate() {
+                let (singleton, k) = kv?;
                 let done = i as u64 + 1;
-                if self.rewrap_one(&k, to)? {
+                let did = if singleton {
+                    self.rewrap_singleton(&k, to)?
+                } else {
+                    self.rewrap_one(&k, to)?
+                };
+                if did {
                     changed += 1;
                     rewrapped += 1;
                 }
@@ -792,6 +878,44 @@ impl SecretStore {
             to,
             rewrapped,
         })
+    }
+
+    /// Rewraps a sealed singleton's DEK under `to` if needed (CAS).
+    fn rewrap_singleton(&self, k: &[u8], to: u32) -> Result<bool, SecretsError> {
+        let (kind, name) = split_sealed_key(k).ok_or_else(|| StoreError::Corrupt {
+            tree: "sealed",
+            reason: "bad key".into(),
+        })?;
+        for _ in 0..16 {
+            let Some(cur) = self.store.sealed.get(k)? else {
+                return Ok(false);
+            };
+            let mut sealed: Sealed = decode("sealed", &cur)?;
+            if sealed.wrapped.root_version == to {
+                return Ok(false);
+            }
+            let b = Binding::new(kind, name, 0);
+            sealed.wrapped =
+                self.envelope
+                    .rewrap(&b, &sealed.wrapped, to)
+                    .map_err(|e| match e {
+                        EnvelopeError::Integrity => {
+                            SecretsError::Integrity(format!("sealed {kind}/{name}"))
+                        }
+                        other => env_err(other),
+                    })?;
+            if self
+                .store
+                .sealed
+                .compare_and_swap(k, Some(cur), Some(encode(&sealed)?))?
+                .is_ok()
+            {
+                return Ok(true);
+            }
+        }
+        Err(SecretsError::Store(StoreError::Io(format!(
+            "sealed {kind}/{name} kept changing during rewrap; run the rotation again"
+        ))))
     }
 
     /// Rewraps the DEK of the record at key `k` under `to` if needed;

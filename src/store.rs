@@ -2,7 +2,9 @@
 //! `meta` tree holding the schema version and the root key state.
 //!
 //! Trees: `meta`, `secrets` (name -> [`crate::secrets::SecretMeta`]),
-//! `versions` (name || 0x00 || version BE -> [`crate::secrets::VersionRecord`]).
+//! `versions` (name || 0x00 || version BE -> [`crate::secrets::VersionRecord`]),
+//! `sealed` (kind || 0x00 || name -> [`crate::envelope::Sealed`], the
+//! daemon's own sealed singletons). Other layers add their own trees.
 //! Records are `postcard`-encoded. Every acknowledged write is flushed.
 
 use std::path::Path;
@@ -60,6 +62,9 @@ pub struct Store {
     pub meta: sled::Tree,
     pub secrets: sled::Tree,
     pub versions: sled::Tree,
+    /// Singleton sealed values of the daemon itself (e.g. the API-key
+    /// pepper, the audit HMAC key): `kind || 0x00 || name` -> `Sealed`.
+    pub sealed: sled::Tree,
 }
 
 impl Store {
@@ -97,10 +102,16 @@ impl Store {
                 db.flush()?;
             }
         }
+        Self::from_db(db)
+    }
+
+    /// Wraps an already opened sled database (schema not checked).
+    pub fn from_db(db: sled::Db) -> Result<Store, StoreError> {
         Ok(Store {
+            meta: db.open_tree("meta")?,
             secrets: db.open_tree("secrets")?,
             versions: db.open_tree("versions")?,
-            meta,
+            sealed: db.open_tree("sealed")?,
             db,
         })
     }

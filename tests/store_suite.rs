@@ -265,12 +265,7 @@ fn tamper_detection(b: Backend) {
         versions.insert(&key_b, encode(&r).unwrap()).unwrap();
         db.flush().unwrap();
         // a fresh SecretStore and root: cold cache, the wrapped DEK is unwrapped
-        let store = Store {
-            db: db.clone(),
-            meta: db.open_tree("meta").unwrap(),
-            secrets: db.open_tree("secrets").unwrap(),
-            versions: versions.clone(),
-        };
+        let store = Store::from_db(db.clone()).unwrap();
         let s = SecretStore::open(store, f.device.open_root(), f.cfg.clone()).unwrap();
         match get(&s, "t/b", None) {
             Err(SecretsError::Integrity(_)) => {}
@@ -465,7 +460,61 @@ fn rotation_concurrent_with_writes(b: Backend) {
     }
 }
 
+/// Daemon singletons (e.g. the API-key pepper) are sealed like secrets and
+/// rewrapped by a root rotation; moving one to another name fails to open.
+fn sealed_singletons_survive_rotation(b: Backend) {
+    let (f, s) = Fixture::new(b);
+    let made = s
+        .open_or_create_value("apikey", "pepper", || {
+            zeroize::Zeroizing::new(vec![7u8; 32])
+        })
+        .unwrap();
+    let again = s
+        .open_or_create_value("apikey", "pepper", || {
+            zeroize::Zeroizing::new(vec![9u8; 32])
+        })
+        .unwrap();
+    assert_eq!(made.as_slice(), again.as_slice(), "created once");
+    let out = s.rotate_root(&mut |_| ControlFlow::Continue(())).unwrap();
+    assert!(
+        matches!(
+            out,
+            RotationOutcome::Completed {
+                to: 2,
+                rewrapped: 1,
+                ..
+            }
+        ),
+        "{out:?}"
+    );
+    drop(s);
+    let s = f.reopen();
+    assert_eq!(
+        s.open_value("apikey", "pepper")
+            .unwrap()
+            .unwrap()
+            .as_slice(),
+        &[7u8; 32]
+    );
+    assert!(s.open_value("apikey", "other").unwrap().is_none());
+    // a sealed blob copied under another name does not open there
+    let raw = s.store().sealed.get(b"apikey\0pepper").unwrap().unwrap();
+    s.store().sealed.insert(b"apikey\0copy", raw).unwrap();
+    let cfg = SecretsConfig {
+        cache_capacity: 0,
+        ..Default::default()
+    };
+    drop(s);
+    let root = f.device.open_root();
+    let s = SecretStore::open(Store::open(&f.store_path()).unwrap(), root, cfg).unwrap();
+    assert!(matches!(
+        s.open_value("apikey", "copy"),
+        Err(SecretsError::Integrity(_))
+    ));
+}
+
 both_backends!(
+    sealed_singletons_survive_rotation,
     round_trip_and_versions,
     cas_conflicts,
     delete_undelete_destroy,

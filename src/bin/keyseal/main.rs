@@ -636,7 +636,14 @@ async fn rotate(socket: &std::path::Path) -> Res {
     let mut last = None;
     while let Some(p) = s.message().await? {
         // The final verification pass repeats the last figures; show them once.
-        let key = (p.from_version, p.to_version, p.done, p.total, p.rewrapped, p.completed);
+        let key = (
+            p.from_version,
+            p.to_version,
+            p.done,
+            p.total,
+            p.rewrapped,
+            p.completed,
+        );
         if last == Some(key) {
             continue;
         }
