@@ -6,7 +6,7 @@ use std::path::Path;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::api::pb::{secrets_client::SecretsClient, system_client::SystemClient};
-use crate::daemon::MAX_MESSAGE_BYTES;
+use crate::daemon::CLIENT_MAX_MESSAGE_BYTES as MAX_MESSAGE_BYTES;
 
 /// Env var naming the socket for the CLI.
 pub const SOCKET_ENV: &str = "KEYSEAL_SOCKET";

@@ -171,8 +171,7 @@ impl Config {
             path: path.display().to_string(),
             message,
         };
-        let raw: RawConfig =
-            toml::from_str(text).map_err(|e| err(e.to_string().trim_end().to_owned()))?;
+        let raw: RawConfig = toml::from_str(text).map_err(|e| err(toml_error_line(text, &e)))?;
         let base = path.parent().unwrap_or(Path::new("."));
         let abs = |p: &Path| {
             if p.is_absolute() {
@@ -317,6 +316,21 @@ impl Config {
             log_level: raw.log.level.unwrap_or_else(|| "info".into()),
             lock_memory,
         })
+    }
+}
+
+/// A TOML error as one line: `line L, column C: message` (toml's Display
+/// spans several lines with a source snippet).
+pub fn toml_error_line(text: &str, e: &toml::de::Error) -> String {
+    let msg = e.message().trim().replace('\n', " ");
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let col = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
+            format!("line {line}, column {col}: {msg}")
+        }
+        None => msg,
     }
 }
 

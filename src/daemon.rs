@@ -29,8 +29,11 @@ use crate::identity::Identifier;
 use crate::name::SecretName;
 use crate::secrets::OpCtx;
 
-/// Largest gRPC message accepted (a 1 MiB value plus framing, with room).
+/// Smallest gRPC message limit of the server; it grows with the configured
+/// `store.max_value_bytes` (twice the value + 1 MiB).
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+/// The client's limit: above the largest value the config accepts (64 MiB).
+pub const CLIENT_MAX_MESSAGE_BYTES: usize = 66 * 1024 * 1024;
 
 /// A connection whose caller the kernel identified at accept.
 pub struct IdentifiedConn {
@@ -243,11 +246,14 @@ pub async fn serve(
             tracing::error!(error = %e, "reflection service failed to build");
             e
         });
+    // Twice the largest value, so an oversized value still decodes and gets
+    // the store's typed "value too large" error rather than a transport error.
+    let max_message = MAX_MESSAGE_BYTES.max(2 * state.secrets.config().max_value_len + 1024 * 1024);
     let secrets = SecretsServer::new(SecretsService {
         state: state.clone(),
     })
-    .max_decoding_message_size(MAX_MESSAGE_BYTES)
-    .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    .max_decoding_message_size(max_message)
+    .max_encoding_message_size(max_message);
     let system = SystemServer::new(SystemService {
         state: state.clone(),
     });

@@ -17,6 +17,7 @@ pub mod envelope;
 pub mod exit;
 pub mod hardening;
 pub mod identity;
+pub mod keys;
 pub mod name;
 pub mod policy;
 pub mod root;

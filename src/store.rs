@@ -76,8 +76,13 @@ impl Store {
             .map_err(|e| StoreError::Open {
                 path: path.display().to_string(),
                 reason: match &e {
-                    sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
-                        "it is locked by another process (is keyseald already running?)".into()
+                    // sled wraps the flock failure as ErrorKind::Other.
+                    sled::Error::Io(io)
+                        if io.kind() == std::io::ErrorKind::WouldBlock
+                            || io.to_string().contains("could not acquire lock") =>
+                    {
+                        "it is locked by another process (is keyseald running? stop it first)"
+                            .into()
                     }
                     other => other.to_string(),
                 },

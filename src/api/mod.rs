@@ -53,6 +53,8 @@ pub struct DaemonState {
     pub hardening: HardeningReport,
     pub events: tokio::sync::broadcast::Sender<ChangeEvent>,
     pub request_timeout: Duration,
+    /// Becomes `true` when the daemon shuts down; long-lived streams end on it.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 /// The caller of `req`, or UNAUTHENTICATED when the connection had no peer

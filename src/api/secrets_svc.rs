@@ -4,8 +4,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use tokio_stream::wrappers::{errors::BroadcastStreamRecvError, BroadcastStream};
-use tokio_stream::{Stream, StreamExt};
+use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use super::pb::{self, secrets_server::Secrets};
@@ -13,6 +12,9 @@ use super::{caller, ChangeEvent, DaemonState};
 use crate::name::{check_prefix, SecretName};
 use crate::policy::Capability;
 use crate::secrets::{OpCtx, PutOptions, SecretMeta, VersionState};
+
+/// Largest List response body we build (the message limit is 4 MiB).
+const LIST_RESPONSE_BUDGET: usize = 3 * 1024 * 1024;
 
 /// The Secrets service.
 pub struct SecretsService {
@@ -160,30 +162,42 @@ impl Secrets for SecretsService {
         let policy = self.state.policy.current();
         let prefix = r.prefix.clone();
         let mut after = (!r.page_token.is_empty()).then_some(r.page_token);
-        // Only names the caller may read are listed; keep paging through the
-        // store until the page is full or the prefix is exhausted.
-        let mut out = Vec::new();
-        let next = loop {
-            let (p, a) = (prefix.clone(), after.clone());
+        // Only names the caller may read or write are listed. The store is
+        // asked for just the entries still missing, the page ends on a
+        // visible name (so the token reveals nothing hidden), and it stops
+        // before the response could exceed the message size limit.
+        let mut out: Vec<pb::SecretMeta> = Vec::new();
+        let mut bytes = 0usize;
+        let next = 'pages: loop {
+            let (p, a, want) = (prefix.clone(), after.clone(), limit - out.len());
             let page = self
                 .state
-                .blocking(move |s| s.list(&p, a.as_deref(), limit))
+                .blocking(move |s| s.list(&p, a.as_deref(), want))
                 .await?;
             for m in page.items {
-                if policy
+                let visible = policy
                     .check(&who.identity, Capability::SecretRead, &m.name)
                     .allowed
                     || policy
                         .check(&who.identity, Capability::SecretWrite, &m.name)
-                        .allowed
-                {
-                    out.push(meta_pb(m));
+                        .allowed;
+                if !visible {
+                    continue;
                 }
+                let item = meta_pb(m);
+                let size = prost::Message::encoded_len(&item) + 8;
+                if !out.is_empty() && bytes + size > LIST_RESPONSE_BUDGET {
+                    break 'pages out.last().map(|m| m.name.clone()).unwrap_or_default();
+                }
+                bytes += size;
+                out.push(item);
             }
             match page.next {
-                Some(n) if out.len() < limit => after = Some(n),
-                Some(n) => break n,
                 None => break String::new(),
+                Some(_) if out.len() >= limit => {
+                    break out.last().map(|m| m.name.clone()).unwrap_or_default();
+                }
+                Some(n) => after = Some(n),
             }
         };
         Ok(Response::new(pb::ListResponse {
@@ -274,34 +288,61 @@ impl Secrets for SecretsService {
             filters.push(n);
         }
         let policy = self.state.policy.clone();
-        let rx = BroadcastStream::new(self.state.events.subscribe());
-        let stream = rx.filter_map(move |ev| match ev {
-            Ok(ev) => {
-                let wanted = filters.is_empty()
-                    || filters.iter().any(|f| {
-                        if f.ends_with('/') {
-                            ev.name.starts_with(f.as_str())
-                        } else {
-                            *f == ev.name
+        let mut rx = self.state.events.subscribe();
+        let mut shutdown = self.state.shutdown.clone();
+        let (tx, out) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            loop {
+                let ev = tokio::select! {
+                    _ = tx.closed() => break,
+                    r = shutdown.changed() => {
+                        let stopping = r.is_err() || *shutdown.borrow();
+                        if stopping {
+                            let _ = tx.send(Err(Status::unavailable("keyseald is shutting down; watch again after it restarts"))).await;
+                            break;
                         }
-                    });
-                // Policy is checked per event, with the current policy.
-                let may = policy
-                    .current()
-                    .check(&who.identity, Capability::SecretRead, &ev.name)
-                    .allowed;
-                (wanted && may).then(|| {
-                    Ok(pb::WatchEvent {
-                        name: ev.name,
-                        version: ev.version,
-                        kind: ev.kind.into(),
-                    })
-                })
+                        continue;
+                    }
+                    ev = rx.recv() => ev,
+                };
+                let msg = match ev {
+                    Ok(ev) => {
+                        let wanted = filters.is_empty()
+                            || filters.iter().any(|f| {
+                                if f.ends_with('/') {
+                                    ev.name.starts_with(f.as_str())
+                                } else {
+                                    *f == ev.name
+                                }
+                            });
+                        // Policy is checked per event, with the current policy.
+                        let may = policy
+                            .current()
+                            .check(&who.identity, Capability::SecretRead, &ev.name)
+                            .allowed;
+                        if !(wanted && may) {
+                            continue;
+                        }
+                        Ok(pb::WatchEvent {
+                            name: ev.name,
+                            version: ev.version,
+                            kind: ev.kind.into(),
+                        })
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        Err(Status::data_loss(format!(
+                            "watch fell behind and missed {n} events; re-read and watch again"
+                        )))
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                };
+                let fatal = msg.is_err();
+                if tx.send(msg).await.is_err() || fatal {
+                    break;
+                }
             }
-            Err(BroadcastStreamRecvError::Lagged(n)) => Some(Err(Status::data_loss(format!(
-                "watch fell behind and missed {n} events; re-read and watch again"
-            )))),
         });
+        let stream = tokio_stream::wrappers::ReceiverStream::new(out);
         Ok(Response::new(Box::pin(stream)))
     }
 }

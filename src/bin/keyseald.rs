@@ -34,8 +34,11 @@ fn fail(code: i32, msg: impl std::fmt::Display) -> ExitCode {
 }
 
 fn init_logging(cfg: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("KEYSEAL_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log_level));
+    // tss_esapi logs expected TPM failures at ERROR; keyseald reports them
+    // itself in one line, so it is silenced unless KEYSEAL_LOG asks for it.
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KEYSEAL_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!("{},tss_esapi=off", cfg.log_level))
+    });
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -177,6 +180,7 @@ async fn run(
         None => None,
     };
     let (events, _) = tokio::sync::broadcast::channel(1024);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let state = Arc::new(DaemonState {
         secrets: secrets.clone(),
         policy: policy.clone(),
@@ -184,6 +188,7 @@ async fn run(
         hardening,
         events,
         request_timeout: cfg.request_timeout,
+        shutdown: stop_rx.clone(),
     });
     // An interrupted root rotation resumes in the background.
     if let Ok(Some(to)) = secrets.pending_rotation() {
@@ -198,7 +203,6 @@ async fn run(
             }
         });
     }
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let (mut term, mut int, mut hup) = match (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),

@@ -243,3 +243,11 @@ impl Drop for TestDaemon {
         }
     }
 }
+
+impl TestDaemon {
+    /// Takes the running keyseald out of the harness: the caller now owns
+    /// the child (signals it, reaps it). `spawn` can start a new one later.
+    pub fn take_daemon_child(&mut self) -> Option<Child> {
+        self.child.take()
+    }
+}

@@ -215,10 +215,26 @@ fn report(f: Failure) -> ExitCode {
 
 async fn client(socket: &std::path::Path) -> Result<Client, Failure> {
     Client::connect(socket).await.map_err(|e| {
+        // tonic's Display says only "transport error"; the cause is below it.
+        let mut cause = String::new();
+        let mut src: Option<&dyn std::error::Error> = std::error::Error::source(&e);
+        while let Some(s) = src {
+            cause = s.to_string();
+            src = s.source();
+        }
+        let denied = cause.to_lowercase().contains("permission denied");
         Failure::new(
             exit::UNAVAILABLE,
-            format!("cannot connect to keyseald at {}: {e}", socket.display()),
-            Some("is keyseald running? set --socket or KEYSEAL_SOCKET"),
+            format!(
+                "cannot connect to keyseald at {}: {}",
+                socket.display(),
+                if cause.is_empty() { e.to_string() } else { cause }
+            ),
+            Some(if denied {
+                "you may not open the socket: ask an admin to add you to the socket's group (api.group)"
+            } else {
+                "is keyseald running? set --socket or KEYSEAL_SOCKET"
+            }),
         )
     })
 }
