@@ -257,3 +257,194 @@ pub(crate) fn p256_spki_from_point(point: &[u8]) -> Result<Vec<u8>, RootError> {
     out.extend_from_slice(point);
     Ok(out)
 }
+
+// ---------------------------------------------------------------------------
+// Minimal DER encoding (public keys only; nothing here sees secrets).
+
+/// DER OID 1.3.101.112 (id-Ed25519, RFC 8410).
+pub(crate) const OID_ED25519: [u8; 5] = [0x06, 0x03, 0x2b, 0x65, 0x70];
+/// DER OID 1.2.840.113549.1.1.1 (rsaEncryption).
+const OID_RSA_ENCRYPTION: [u8; 11] = [
+    0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01,
+];
+/// Length in bytes of an Ed25519 public key and of an Ed25519 signature.
+pub(crate) const ED25519_KEY_LEN: usize = 32;
+pub(crate) const ED25519_SIG_LEN: usize = 64;
+/// Bits and bytes of an RSA-3072 modulus (and of its signatures).
+pub(crate) const RSA3072_BITS: usize = 3072;
+pub(crate) const RSA3072_LEN: usize = RSA3072_BITS / 8;
+/// RSA-PSS salt length keyseal uses (= SHA-256 output length).
+pub(crate) const PSS_SALT_LEN: usize = 32;
+
+/// Appends DER length octets: short form below 128, long form above.
+fn der_len(len: usize, out: &mut Vec<u8>) {
+    if len < 0x80 {
+        out.push(len as u8);
+    } else {
+        let bytes = len.to_be_bytes();
+        let skip = bytes.iter().take_while(|&&b| b == 0).count();
+        out.push(0x80 | (bytes.len() - skip) as u8);
+        out.extend_from_slice(&bytes[skip..]);
+    }
+}
+
+/// One DER tag-length-value.
+pub(crate) fn der_tlv(tag: u8, content: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(content.len() + 6);
+    out.push(tag);
+    der_len(content.len(), &mut out);
+    out.extend_from_slice(content);
+    out
+}
+
+/// DER INTEGER of a non-negative big-endian number (minimal encoding).
+fn der_uint(be: &[u8]) -> Vec<u8> {
+    let skip = be.iter().take_while(|&&b| b == 0).count();
+    let body = &be[skip..];
+    let mut content = Vec::with_capacity(body.len() + 1);
+    if body.first().map_or(true, |b| b & 0x80 != 0) {
+        content.push(0);
+    }
+    content.extend_from_slice(body);
+    der_tlv(0x02, &content)
+}
+
+/// The contents of a DER OCTET STRING that spans all of `der`, if it is one.
+pub(crate) fn der_octet_string(der: &[u8]) -> Option<&[u8]> {
+    let (&tag, rest) = der.split_first()?;
+    if tag != 0x04 {
+        return None;
+    }
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (usize::from(first), rest)
+    } else {
+        let n = usize::from(first & 0x7f);
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        let (len_bytes, rest) = rest.split_at(n);
+        let len = len_bytes
+            .iter()
+            .fold(0usize, |acc, &b| (acc << 8) | usize::from(b));
+        (len, rest)
+    };
+    (rest.len() == len).then_some(rest)
+}
+
+/// DER SubjectPublicKeyInfo of an Ed25519 public key (32 bytes, RFC 8410):
+/// `30 2a 30 05 06 03 2b 65 70 03 21 00 || key`.
+pub(crate) fn ed25519_spki(key: &[u8]) -> Result<Vec<u8>, RootError> {
+    if key.len() != ED25519_KEY_LEN {
+        return Err(RootError::Device(format!(
+            "unexpected Ed25519 public key length {}",
+            key.len()
+        )));
+    }
+    let mut bits = vec![0x00];
+    bits.extend_from_slice(key);
+    let mut body = der_tlv(0x30, &OID_ED25519);
+    body.extend(der_tlv(0x03, &bits));
+    Ok(der_tlv(0x30, &body))
+}
+
+/// DER SubjectPublicKeyInfo (rsaEncryption, RFC 3279) of an RSA-3072 public
+/// key given as big-endian modulus and public exponent.
+pub(crate) fn rsa3072_spki(modulus: &[u8], exponent: &[u8]) -> Result<Vec<u8>, RootError> {
+    let skip = modulus.iter().take_while(|&&b| b == 0).count();
+    let n = &modulus[skip..];
+    if n.len() != RSA3072_LEN || n[0] & 0x80 == 0 {
+        return Err(RootError::Device(format!(
+            "unexpected RSA modulus: {} significant bytes, expected a {RSA3072_BITS}-bit modulus",
+            n.len()
+        )));
+    }
+    let e_skip = exponent.iter().take_while(|&&b| b == 0).count();
+    let e = &exponent[e_skip..];
+    if e.is_empty() || e.len() > 8 || e.last().map_or(true, |b| b & 1 == 0) {
+        return Err(RootError::Device("unexpected RSA public exponent".into()));
+    }
+    // RSAPublicKey ::= SEQUENCE { modulus INTEGER, publicExponent INTEGER }
+    let mut rsa_key = der_uint(n);
+    rsa_key.extend(der_uint(e));
+    let rsa_key = der_tlv(0x30, &rsa_key);
+    let mut bits = Vec::with_capacity(rsa_key.len() + 1);
+    bits.push(0x00);
+    bits.extend(rsa_key);
+    // AlgorithmIdentifier { rsaEncryption, NULL }
+    let mut alg = OID_RSA_ENCRYPTION.to_vec();
+    alg.extend_from_slice(&[0x05, 0x00]);
+    let mut body = der_tlv(0x30, &alg);
+    body.extend(der_tlv(0x03, &bits));
+    Ok(der_tlv(0x30, &body))
+}
+
+#[cfg(test)]
+mod der_tests {
+    use super::*;
+
+    #[test]
+    fn lengths_short_and_long_form() {
+        let enc = |n: usize| {
+            let mut v = Vec::new();
+            der_len(n, &mut v);
+            v
+        };
+        assert_eq!(enc(0), [0x00]);
+        assert_eq!(enc(0x7f), [0x7f]);
+        assert_eq!(enc(0x80), [0x81, 0x80]);
+        assert_eq!(enc(0xff), [0x81, 0xff]);
+        assert_eq!(enc(0x100), [0x82, 0x01, 0x00]);
+        assert_eq!(enc(0x1_0000), [0x83, 0x01, 0x00, 0x00]);
+    }
+
+    #[test]
+    fn integers_are_minimal_and_positive() {
+        assert_eq!(der_uint(&[0, 0, 1]), [0x02, 0x01, 0x01]);
+        assert_eq!(der_uint(&[0x80]), [0x02, 0x02, 0x00, 0x80]);
+        assert_eq!(der_uint(&[]), [0x02, 0x01, 0x00]);
+        assert_eq!(der_uint(&[1, 0, 1]), [0x02, 0x03, 1, 0, 1]);
+    }
+
+    #[test]
+    fn octet_string_parsing() {
+        assert_eq!(der_octet_string(&[0x04, 0x02, 7, 8]), Some(&[7u8, 8][..]));
+        assert_eq!(der_octet_string(&[0x04, 0x03, 7, 8]), None);
+        assert_eq!(der_octet_string(&[0x03, 0x01, 7]), None);
+        let mut long = vec![0x04, 0x81, 0x80];
+        long.extend([5u8; 0x80]);
+        assert_eq!(der_octet_string(&long).map(<[u8]>::len), Some(0x80));
+    }
+
+    #[test]
+    fn ed25519_spki_layout() {
+        let spki = ed25519_spki(&[9u8; 32]).unwrap();
+        assert_eq!(
+            &spki[..12],
+            &[0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00]
+        );
+        assert_eq!(spki.len(), 44);
+        assert!(ed25519_spki(&[9u8; 31]).is_err());
+    }
+
+    #[test]
+    fn rsa_spki_layout() {
+        let mut n = vec![0u8; RSA3072_LEN];
+        n[0] = 0xc1;
+        n[RSA3072_LEN - 1] = 0x01;
+        let spki = rsa3072_spki(&n, &[0x01, 0x00, 0x01]).unwrap();
+        // SEQUENCE, long form length of two bytes.
+        assert_eq!(&spki[..2], &[0x30, 0x82]);
+        assert_eq!(
+            usize::from(u16::from_be_bytes([spki[2], spki[3]])),
+            spki.len() - 4
+        );
+        // The modulus INTEGER gets a leading zero (top bit set): 385 bytes.
+        let needle = [0x02, 0x82, 0x01, 0x81, 0x00, 0xc1];
+        assert!(spki.windows(needle.len()).any(|w| w == needle));
+        assert!(spki.ends_with(&[0x02, 0x03, 0x01, 0x00, 0x01]));
+        // 2048-bit modulus and an even exponent are refused.
+        assert!(rsa3072_spki(&n[128..], &[0x01, 0x00, 0x01]).is_err());
+        assert!(rsa3072_spki(&n, &[0x02]).is_err());
+    }
+}

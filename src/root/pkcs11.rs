@@ -9,6 +9,17 @@
 //! creation, so key creation and destruction take `create_lock`.
 //! A session that the token invalidated (token removed, sessions closed from
 //! another handle) is dropped and the call retried once on a fresh session.
+//!
+//! Signing keys are token key pairs labelled (and CKA_ID'd) with the caller's
+//! label; the private half is private, sensitive, non-extractable and
+//! sign-only. ECDSA P-256 (CKM_ECDSA over the SHA-256 digest, DER output),
+//! Ed25519 (CKM_EC_EDWARDS_KEY_PAIR_GEN with CKA_EC_PARAMS = OID 1.3.101.112;
+//! CKM_EDDSA over the whole message, so no `sign_digest`) and RSA-3072
+//! (exponent 65537; CKM_SHA256_RSA_PKCS_PSS over the message,
+//! CKM_RSA_PKCS_PSS over a digest; MGF1-SHA-256, 32-byte salt). The
+//! reference's `alg` picks the mechanism; the key type on the token is
+//! checked first, because SoftHSM2 answers a mismatched mechanism with
+//! CKR_GENERAL_ERROR.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -17,7 +28,9 @@ use std::path::{Path, PathBuf};
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::aead::GcmParams;
-use cryptoki::mechanism::Mechanism;
+use cryptoki::mechanism::eddsa::{EddsaParams, EddsaSignatureScheme};
+use cryptoki::mechanism::rsa::{PkcsMgfType, PkcsPssParams};
+use cryptoki::mechanism::{Mechanism, MechanismType};
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
@@ -28,14 +41,19 @@ use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
 use super::{
-    ecdsa_raw_to_der, p256_spki_from_point, BackendKind, Dek, RootError, RootOfTrust, SignAlg,
-    SigningKeyRef, WrappedDek,
+    der_octet_string, ecdsa_raw_to_der, ed25519_spki, p256_spki_from_point, rsa3072_spki,
+    BackendKind, Dek, RootError, RootOfTrust, SignAlg, SigningKeyRef, WrappedDek, ED25519_SIG_LEN,
+    OID_ED25519, PSS_SALT_LEN, RSA3072_BITS, RSA3072_LEN,
 };
 
 /// Label prefix of root key objects: version N is `keyseal-root-vN`.
 pub const ROOT_LABEL_PREFIX: &str = "keyseal-root-v";
 /// DER OID of prime256v1, the CKA_EC_PARAMS of P-256 keys.
 const P256_PARAMS: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+/// CKA_EC_PARAMS of Ed25519 keys: the DER OID 1.3.101.112 (RFC 8410).
+const ED25519_PARAMS: [u8; 5] = OID_ED25519;
+/// RSA public exponent 65537, big-endian.
+const RSA_F4: [u8; 3] = [0x01, 0x00, 0x01];
 const GCM_IV_LEN: usize = 12;
 const GCM_TAG_BITS: u64 = 128;
 /// Most sessions kept open in the pool; more concurrent callers open
@@ -149,6 +167,55 @@ fn device_err(what: &str, e: CkError) -> RootError {
     } else {
         RootError::Device(format!("{what}: {e}"))
     }
+}
+
+/// RSASSA-PSS parameters: SHA-256, MGF1-SHA-256, 32-byte salt.
+fn pss_params() -> PkcsPssParams {
+    PkcsPssParams {
+        hash_alg: MechanismType::SHA256,
+        mgf: PkcsMgfType::MGF1_SHA256,
+        s_len: (PSS_SALT_LEN as u64).into(),
+    }
+}
+
+/// The PKCS#11 key type a signing key of `alg` has.
+fn key_type_of(alg: SignAlg) -> KeyType {
+    match alg {
+        SignAlg::EcdsaP256Sha256 => KeyType::EC,
+        SignAlg::Ed25519 => KeyType::EC_EDWARDS,
+        SignAlg::RsaPss3072Sha256 => KeyType::RSA,
+    }
+}
+
+/// Refuses a key whose type on the token is not what the reference says.
+fn check_key_type(label: &str, alg: SignAlg, actual: Option<KeyType>) -> Result<(), RootError> {
+    match actual {
+        Some(t) if t == key_type_of(alg) => Ok(()),
+        _ => Err(key_type_mismatch(label, alg, actual)),
+    }
+}
+
+fn key_type_mismatch(label: &str, alg: SignAlg, actual: Option<KeyType>) -> RootError {
+    match actual {
+        Some(t) => RootError::Integrity(format!(
+            "signing key '{label}' is referenced as {} but the token holds a {t} key",
+            alg.as_str()
+        )),
+        None => RootError::Device(format!(
+            "token returned no key type for signing key '{label}'"
+        )),
+    }
+}
+
+/// Checks the length of a signature the token returned.
+fn expect_len(sig: Vec<u8>, len: usize, what: &str) -> Result<Vec<u8>, RootError> {
+    if sig.len() != len {
+        return Err(RootError::Device(format!(
+            "unexpected {what} signature length {} (expected {len})",
+            sig.len()
+        )));
+    }
+    Ok(sig)
 }
 
 fn root_label(version: u32) -> String {
@@ -328,6 +395,38 @@ impl Pkcs11Root {
             })?;
         Ok((label, h))
     }
+
+    /// Signs `data` with the private key of `key` under `mechanism`, after
+    /// checking that the key on the token is of the type `key.alg` needs
+    /// (SoftHSM2 answers a mismatched mechanism with CKR_GENERAL_ERROR).
+    fn sign_with(
+        &self,
+        key: &SigningKeyRef,
+        mechanism: &Mechanism,
+        data: &[u8],
+    ) -> Result<Vec<u8>, RootError> {
+        let (label, h) = self.private_key(key)?;
+        let wanted = key_type_of(key.alg);
+        let out = self
+            .with_session(|s| {
+                let actual = s
+                    .get_attributes(h, &[AttributeType::KeyType])?
+                    .into_iter()
+                    .find_map(|a| match a {
+                        Attribute::KeyType(t) => Some(t),
+                        _ => None,
+                    });
+                if actual != Some(wanted) {
+                    return Ok(Err(actual));
+                }
+                s.sign(mechanism, h, data).map(Ok)
+            })?
+            .map_err(|e| device_err(&format!("sign ({})", key.alg.as_str()), e))?;
+        match out {
+            Ok(sig) => Ok(sig),
+            Err(actual) => Err(key_type_mismatch(&label, key.alg, actual)),
+        }
+    }
 }
 
 impl RootOfTrust for Pkcs11Root {
@@ -444,37 +543,68 @@ impl RootOfTrust for Pkcs11Root {
     }
 
     fn create_signing_key(&self, label: &str, alg: SignAlg) -> Result<SigningKeyRef, RootError> {
-        if alg != SignAlg::EcdsaP256Sha256 {
-            return Err(RootError::Unsupported(format!(
-                "{} keys are not implemented on the PKCS#11 backend yet",
-                alg.as_str()
-            )));
-        }
-        let _g = self.create_lock.lock();
-        if self.find(label, ObjectClass::PRIVATE_KEY)?.is_some() {
-            return Err(RootError::Device(format!(
-                "signing key '{label}' already exists"
-            )));
-        }
-        let public = vec![
+        let (mechanism, mut public) = match alg {
+            SignAlg::EcdsaP256Sha256 => (
+                Mechanism::EccKeyPairGen,
+                vec![Attribute::EcParams(P256_PARAMS.to_vec())],
+            ),
+            SignAlg::Ed25519 => (
+                Mechanism::EccEdwardsKeyPairGen,
+                vec![Attribute::EcParams(ED25519_PARAMS.to_vec())],
+            ),
+            SignAlg::RsaPss3072Sha256 => (
+                Mechanism::RsaPkcsKeyPairGen,
+                vec![
+                    Attribute::ModulusBits((RSA3072_BITS as u64).into()),
+                    Attribute::PublicExponent(RSA_F4.to_vec()),
+                ],
+            ),
+        };
+        public.extend([
             Attribute::Token(true),
             Attribute::Private(false),
             Attribute::Verify(true),
-            Attribute::EcParams(P256_PARAMS.to_vec()),
+            Attribute::Encrypt(false),
+            Attribute::Wrap(false),
+            Attribute::Derive(false),
             Attribute::Label(label.as_bytes().to_vec()),
             Attribute::Id(label.as_bytes().to_vec()),
-        ];
+        ]);
+        // Sign only: no decrypt / unwrap / derive, never leaves the token.
         let private = vec![
             Attribute::Token(true),
             Attribute::Private(true),
             Attribute::Sensitive(true),
             Attribute::Extractable(false),
             Attribute::Sign(true),
+            Attribute::Decrypt(false),
+            Attribute::Unwrap(false),
+            Attribute::Derive(false),
             Attribute::Label(label.as_bytes().to_vec()),
             Attribute::Id(label.as_bytes().to_vec()),
         ];
-        self.with_session(|s| s.generate_key_pair(&Mechanism::EccKeyPairGen, &public, &private))?
-            .map_err(|e| device_err("generate signing key", e))?;
+        let _g = self.create_lock.lock();
+        if self.find(label, ObjectClass::PRIVATE_KEY)?.is_some() {
+            return Err(RootError::Device(format!(
+                "signing key '{label}' already exists"
+            )));
+        }
+        let res = self
+            .with_session(|s| s.generate_key_pair(&mechanism, &public, &private))?
+            .map_err(|e| match rv(&e) {
+                Some(RvError::MechanismInvalid | RvError::CurveNotSupported) => {
+                    RootError::Unsupported(format!(
+                        "{}: token '{}' cannot generate such keys ({e})",
+                        alg.as_str(),
+                        self.token_label
+                    ))
+                }
+                _ => device_err(&format!("generate {} signing key", alg.as_str()), e),
+            });
+        let (public_h, private_h) = res?;
+        let mut handles = self.handles.lock();
+        handles.insert(format!("{}/{label}", ObjectClass::PUBLIC_KEY), public_h);
+        handles.insert(format!("{}/{label}", ObjectClass::PRIVATE_KEY), private_h);
         Ok(SigningKeyRef {
             alg,
             handle: label.as_bytes().to_vec(),
@@ -487,35 +617,104 @@ impl RootOfTrust for Pkcs11Root {
         let h = self.find(&label, ObjectClass::PUBLIC_KEY)?.ok_or_else(|| {
             RootError::NotInitialised(format!("public key '{label}' is not on the token"))
         })?;
+        let wanted: &[AttributeType] = match key.alg {
+            SignAlg::EcdsaP256Sha256 | SignAlg::Ed25519 => {
+                &[AttributeType::KeyType, AttributeType::EcPoint]
+            }
+            SignAlg::RsaPss3072Sha256 => &[
+                AttributeType::KeyType,
+                AttributeType::Modulus,
+                AttributeType::PublicExponent,
+            ],
+        };
         let attrs = self
-            .with_session(|s| s.get_attributes(h, &[AttributeType::EcPoint]))?
+            .with_session(|s| s.get_attributes(h, wanted))?
             .map_err(|e| device_err("read public key", e))?;
+        let mut key_type = None;
+        let mut point = None;
+        let mut modulus = None;
+        let mut exponent = None;
         for a in attrs {
-            if let Attribute::EcPoint(p) = a {
-                // CKA_EC_POINT is a DER OCTET STRING holding the point.
-                let point = match p.as_slice() {
-                    [0x04, 0x41, rest @ ..] if rest.len() == 65 => rest.to_vec(),
-                    _ => p,
-                };
-                return p256_spki_from_point(&point);
+            match a {
+                Attribute::KeyType(t) => key_type = Some(t),
+                Attribute::EcPoint(p) => point = Some(p),
+                Attribute::Modulus(m) => modulus = Some(m),
+                Attribute::PublicExponent(e) => exponent = Some(e),
+                _ => {}
             }
         }
-        Err(RootError::Device("token returned no EC point".into()))
+        check_key_type(&label, key.alg, key_type)?;
+        match key.alg {
+            SignAlg::EcdsaP256Sha256 => {
+                let p =
+                    point.ok_or_else(|| RootError::Device("token returned no EC point".into()))?;
+                // CKA_EC_POINT is a DER OCTET STRING holding the point.
+                let point = match der_octet_string(&p) {
+                    Some(inner) if inner.len() == 65 => inner.to_vec(),
+                    _ => p,
+                };
+                p256_spki_from_point(&point)
+            }
+            SignAlg::Ed25519 => {
+                let p =
+                    point.ok_or_else(|| RootError::Device("token returned no EC point".into()))?;
+                // A DER OCTET STRING holding the 32-byte key (PKCS#11 3.0);
+                // accept the raw key too.
+                let raw = match der_octet_string(&p) {
+                    Some(inner) => inner,
+                    None => p.as_slice(),
+                };
+                ed25519_spki(raw)
+            }
+            SignAlg::RsaPss3072Sha256 => {
+                let (Some(n), Some(e)) = (modulus, exponent) else {
+                    return Err(RootError::Device(
+                        "token returned no RSA modulus / public exponent".into(),
+                    ));
+                };
+                rsa3072_spki(&n, &e)
+            }
+        }
     }
 
     fn sign(&self, key: &SigningKeyRef, message: &[u8]) -> Result<Vec<u8>, RootError> {
-        self.sign_digest(key, &Sha256::digest(message))
+        match key.alg {
+            SignAlg::EcdsaP256Sha256 => self.sign_digest(key, &Sha256::digest(message)),
+            SignAlg::Ed25519 => {
+                let sig = self.sign_with(
+                    key,
+                    &Mechanism::Eddsa(EddsaParams::new(EddsaSignatureScheme::Pure)),
+                    message,
+                )?;
+                expect_len(sig, ED25519_SIG_LEN, "Ed25519")
+            }
+            SignAlg::RsaPss3072Sha256 => {
+                let sig =
+                    self.sign_with(key, &Mechanism::Sha256RsaPkcsPss(pss_params()), message)?;
+                expect_len(sig, RSA3072_LEN, "RSA-PSS")
+            }
+        }
     }
 
     fn sign_digest(&self, key: &SigningKeyRef, digest: &[u8]) -> Result<Vec<u8>, RootError> {
+        let mechanism = match key.alg {
+            SignAlg::Ed25519 => {
+                return Err(RootError::Unsupported(
+                    "ed25519: Ed25519 signs whole messages; use sign".into(),
+                ))
+            }
+            SignAlg::EcdsaP256Sha256 => Mechanism::Ecdsa,
+            SignAlg::RsaPss3072Sha256 => Mechanism::RsaPkcsPss(pss_params()),
+        };
         if digest.len() != 32 {
             return Err(RootError::Config("a SHA-256 digest is 32 bytes".into()));
         }
-        let (_, h) = self.private_key(key)?;
-        let raw = self
-            .with_session(|s| s.sign(&Mechanism::Ecdsa, h, digest))?
-            .map_err(|e| device_err("sign", e))?;
-        ecdsa_raw_to_der(&raw)
+        let sig = self.sign_with(key, &mechanism, digest)?;
+        if key.alg == SignAlg::RsaPss3072Sha256 {
+            expect_len(sig, RSA3072_LEN, "RSA-PSS")
+        } else {
+            ecdsa_raw_to_der(&sig)
+        }
     }
 
     fn destroy_signing_key(&self, key: &SigningKeyRef) -> Result<(), RootError> {

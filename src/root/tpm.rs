@@ -11,6 +11,15 @@
 //! cached as transient objects in the connection (created lazily on first
 //! use). Signing keys hang off a separate, fixed "signing primary".
 //!
+//! Signing keys: ECDSA P-256 / SHA-256 and RSA-3072 RSASSA-PSS / SHA-256
+//! (exponent 65537; the TPM uses salt length = digest length = 32). Both
+//! sign a SHA-256 digest computed here (`sign` hashes the message), with a
+//! null hashcheck ticket (the keys are unrestricted). RSA-3072 support is
+//! checked with TPM2_TestParms first (many TPMs only do RSA-2048), and
+//! creating such a key takes the TPM ~1-3 s of prime generation on swtpm,
+//! during which the connection (and every other TPM call) waits. There is no
+//! Ed25519 on TPM 2.0: [`RootError::Unsupported`].
+//!
 //! A DEK is wrapped as a sealed data object (KeyedHash, null scheme) created
 //! under the version's primary with `TPM2_Create`; its sensitive data is
 //! `dek (32 bytes) || sha256(binding) (32 bytes)`. The TPM encrypts and
@@ -93,20 +102,22 @@ use std::str::FromStr;
 use parking_lot::Mutex;
 use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq;
-use tss_esapi::attributes::ObjectAttributesBuilder;
+use tss_esapi::attributes::{ObjectAttributes, ObjectAttributesBuilder};
 use tss_esapi::constants::response_code::{Tss2ResponseCode, Tss2ResponseCodeKind};
 use tss_esapi::constants::tss::{TPM2_RH_NULL, TPM2_ST_HASHCHECK, TPM2_TRANSIENT_FIRST};
 use tss_esapi::constants::{CapabilityType, PropertyTag, SessionType};
 use tss_esapi::handles::{KeyHandle, ObjectHandle, SessionHandle, TpmHandle};
 use tss_esapi::interface_types::algorithm::{HashingAlgorithm, PublicAlgorithm};
 use tss_esapi::interface_types::ecc::EccCurve;
+use tss_esapi::interface_types::key_bits::RsaKeyBits;
 use tss_esapi::interface_types::resource_handles::Hierarchy;
 use tss_esapi::interface_types::session_handles::{AuthSession, PolicySession};
 use tss_esapi::structures::{
     Auth, CapabilityData, Digest, EccParameter, EccPoint, EccScheme, HashScheme, HashcheckTicket,
     KeyedHashScheme, Name, PcrSelectionList, PcrSelectionListBuilder, PcrSlot, Private, Public,
-    PublicBuilder, PublicEccParametersBuilder, PublicKeyedHashParameters, SensitiveData, Signature,
-    SignatureScheme, SymmetricDefinition, SymmetricDefinitionObject,
+    PublicBuilder, PublicEccParametersBuilder, PublicKeyRsa, PublicKeyedHashParameters,
+    PublicParameters, PublicRsaParameters, PublicRsaParametersBuilder, RsaExponent, RsaScheme,
+    SensitiveData, Signature, SignatureScheme, SymmetricDefinition, SymmetricDefinitionObject,
 };
 use tss_esapi::tcti_ldr::TctiNameConf;
 use tss_esapi::traits::{Marshall, UnMarshall};
@@ -115,8 +126,8 @@ use tss_esapi::Context;
 use zeroize::Zeroizing;
 
 use super::{
-    ecdsa_raw_to_der, p256_spki_from_point, BackendKind, Dek, RootError, RootOfTrust, SignAlg,
-    SigningKeyRef, WrappedDek, DEK_LEN,
+    ecdsa_raw_to_der, p256_spki_from_point, rsa3072_spki, BackendKind, Dek, RootError, RootOfTrust,
+    SignAlg, SigningKeyRef, WrappedDek, DEK_LEN, RSA3072_LEN,
 };
 
 /// Most primaries kept loaded at once: libtpms has 3 transient object
@@ -226,16 +237,22 @@ fn sealed_template(with_auth: bool, policy: Option<Digest>) -> Result<Public, ts
         .build()
 }
 
-/// Template of an ECDSA P-256 / SHA-256 signing key.
-fn signing_template(with_auth: bool) -> Result<Public, tss_esapi::Error> {
-    let attrs = ObjectAttributesBuilder::new()
+/// Object attributes of a signing key: made in and bound to this TPM,
+/// unrestricted sign only.
+fn signing_attributes(with_auth: bool) -> Result<ObjectAttributes, tss_esapi::Error> {
+    ObjectAttributesBuilder::new()
         .with_fixed_tpm(true)
         .with_fixed_parent(true)
         .with_sensitive_data_origin(true)
         .with_user_with_auth(true)
         .with_no_da(!with_auth)
         .with_sign_encrypt(true)
-        .build()?;
+        .build()
+}
+
+/// Template of an ECDSA P-256 / SHA-256 signing key.
+fn signing_template(with_auth: bool) -> Result<Public, tss_esapi::Error> {
+    let attrs = signing_attributes(with_auth)?;
     PublicBuilder::new()
         .with_public_algorithm(PublicAlgorithm::Ecc)
         .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
@@ -249,6 +266,37 @@ fn signing_template(with_auth: bool) -> Result<Public, tss_esapi::Error> {
         )
         .with_ecc_unique_identifier(EccPoint::default())
         .build()
+}
+
+/// Parameters of an RSA-3072 RSASSA-PSS / SHA-256 signing key, exponent
+/// 65537 (encoded as 0, the TPM's default). The TPM picks the PSS salt
+/// length: the digest length (32) when the key is large enough, as here.
+fn rsa3072_parameters() -> Result<PublicRsaParameters, tss_esapi::Error> {
+    PublicRsaParametersBuilder::new_unrestricted_signing_key(
+        RsaScheme::RsaPss(HashScheme::new(HashingAlgorithm::Sha256)),
+        RsaKeyBits::Rsa3072,
+        RsaExponent::ZERO_EXPONENT,
+    )
+    .build()
+}
+
+/// Template of an RSA-3072 RSASSA-PSS / SHA-256 signing key.
+fn rsa_signing_template(with_auth: bool) -> Result<Public, tss_esapi::Error> {
+    let attrs = signing_attributes(with_auth)?;
+    PublicBuilder::new()
+        .with_public_algorithm(PublicAlgorithm::Rsa)
+        .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
+        .with_object_attributes(attrs)
+        .with_rsa_parameters(rsa3072_parameters()?)
+        .with_rsa_unique_identifier(PublicKeyRsa::default())
+        .build()
+}
+
+/// Why there are no Ed25519 keys on a TPM.
+fn ed25519_unsupported() -> RootError {
+    RootError::Unsupported(
+        "ed25519: TPM 2.0 has no Ed25519 keys (TPM ECC keys use NIST/BN curves; Curve25519/EdDSA are not in the PC Client profile, not implemented by libtpms/swtpm or common hardware TPMs, and tss-esapi 7 has no API for them); use ecdsa-p256 or rsa-pss-3072 on the TPM, or the PKCS#11 backend for Ed25519".into(),
+    )
 }
 
 // ---------------------------------------------------------------------------
@@ -714,6 +762,22 @@ impl Conn {
         };
         self.primaries.push((id, handle, name));
         Ok(handle)
+    }
+
+    /// Asks the TPM (TPM2_TestParms) whether it can make RSA-3072 RSASSA-PSS
+    /// keys; many TPMs only do RSA-2048.
+    fn check_rsa3072(&mut self) -> Result<(), RootError> {
+        let params = rsa3072_parameters()
+            .map_err(|e| RootError::Device(format!("building RSA-3072 parameters: {e}")))?;
+        match self.ctx.test_parms(PublicParameters::Rsa(params)) {
+            Ok(()) => Ok(()),
+            Err(e) => match classify(&e) {
+                Class::Tpm { warning: false, .. } => Err(RootError::Unsupported(format!(
+                    "rsa-pss-3072: this TPM cannot make 3072-bit RSASSA-PSS keys (TPM2_TestParms: {e}); use ecdsa-p256 on the TPM, or the PKCS#11 backend"
+                ))),
+                _ => Err(self.err("asking the TPM whether it supports RSA-3072", e)),
+            },
+        }
     }
 
     /// Flushes a cached primary if loaded.
@@ -1184,34 +1248,46 @@ impl RootOfTrust for TpmRoot {
     }
 
     fn create_signing_key(&self, _label: &str, alg: SignAlg) -> Result<SigningKeyRef, RootError> {
-        match alg {
-            SignAlg::EcdsaP256Sha256 => {}
-            other => {
-                return Err(RootError::Unsupported(format!(
-                    "{} keys are not implemented on the TPM backend yet",
-                    other.as_str()
-                )))
-            }
-        }
         let auth = self.auth()?;
-        let template = signing_template(auth.is_some())
-            .map_err(|e| RootError::Device(format!("building the signing key template: {e}")))?;
+        let template = match alg {
+            SignAlg::EcdsaP256Sha256 => signing_template(auth.is_some()),
+            SignAlg::RsaPss3072Sha256 => rsa_signing_template(auth.is_some()),
+            SignAlg::Ed25519 => return Err(ed25519_unsupported()),
+        }
+        .map_err(|e| RootError::Device(format!("building the signing key template: {e}")))?;
         let (public, private) = self.with_conn(|conn, _| {
+            if alg == SignAlg::RsaPss3072Sha256 {
+                conn.check_rsa3072()?;
+            }
             let parent = conn.primary(PrimaryId::Signing)?;
-            let created = conn
-                .ctx
-                .execute_with_session(Some(AuthSession::Password), |ctx| {
-                    ctx.create(parent, template, auth, None, None, None)
-                })
-                .map_err(|e| {
-                    let what = "creating a TPM signing key";
-                    if classify(&e) != Class::Link {
-                        if let Some(lost) = conn.primary_lost(PrimaryId::Signing, what) {
-                            return lost;
+            let created =
+                conn.ctx
+                    .execute_with_session(Some(AuthSession::Password), |ctx| {
+                        ctx.create(parent, template, auth, None, None, None)
+                    })
+                    .map_err(|e| {
+                        let what = format!("creating a TPM {} signing key", alg.as_str());
+                        if let Class::Tpm {
+                            kind:
+                                Some(
+                                    Tss2ResponseCodeKind::KeySize
+                                    | Tss2ResponseCodeKind::Asymmetric,
+                                ),
+                            ..
+                        } = classify(&e)
+                        {
+                            return RootError::Unsupported(format!(
+                                "{}: this TPM cannot create such keys ({e})",
+                                alg.as_str()
+                            ));
                         }
-                    }
-                    conn.err(what, e)
-                })?;
+                        if classify(&e) != Class::Link {
+                            if let Some(lost) = conn.primary_lost(PrimaryId::Signing, &what) {
+                                return lost;
+                            }
+                        }
+                        conn.err(&what, e)
+                    })?;
             Ok((created.out_public, created.out_private))
         })?;
         Ok(SigningKeyRef {
@@ -1221,20 +1297,51 @@ impl RootOfTrust for TpmRoot {
     }
 
     fn public_key_spki(&self, key: &SigningKeyRef) -> Result<Vec<u8>, RootError> {
-        let blob = parse_object(&key.handle, TAG_SIGNING_KEY, "signing key reference")?;
-        p256_point(&blob.public).and_then(|p| p256_spki_from_point(&p))
+        if key.alg == SignAlg::Ed25519 {
+            return Err(ed25519_unsupported());
+        }
+        let blob = parse_signing_key(key)?;
+        match key.alg {
+            SignAlg::EcdsaP256Sha256 => {
+                p256_point(&blob.public).and_then(|p| p256_spki_from_point(&p))
+            }
+            SignAlg::RsaPss3072Sha256 => {
+                let (modulus, exponent) = rsa3072_public(&blob.public)?;
+                rsa3072_spki(&modulus, &exponent)
+            }
+            SignAlg::Ed25519 => Err(ed25519_unsupported()),
+        }
     }
 
     fn sign(&self, key: &SigningKeyRef, message: &[u8]) -> Result<Vec<u8>, RootError> {
+        if key.alg == SignAlg::Ed25519 {
+            return Err(ed25519_unsupported());
+        }
         self.sign_digest(key, &Sha256::digest(message))
     }
 
     fn sign_digest(&self, key: &SigningKeyRef, digest: &[u8]) -> Result<Vec<u8>, RootError> {
+        if key.alg == SignAlg::Ed25519 {
+            return Err(ed25519_unsupported());
+        }
         if digest.len() != 32 {
             return Err(RootError::Config("a SHA-256 digest is 32 bytes".into()));
         }
-        let blob = parse_object(&key.handle, TAG_SIGNING_KEY, "signing key reference")?;
-        p256_point(&blob.public)?;
+        let blob = parse_signing_key(key)?;
+        let scheme = match key.alg {
+            SignAlg::RsaPss3072Sha256 => {
+                rsa3072_public(&blob.public)?;
+                SignatureScheme::RsaPss {
+                    hash_scheme: HashScheme::new(HashingAlgorithm::Sha256),
+                }
+            }
+            _ => {
+                p256_point(&blob.public)?;
+                SignatureScheme::EcDsa {
+                    hash_scheme: HashScheme::new(HashingAlgorithm::Sha256),
+                }
+            }
+        };
         let uses_auth = !blob.public.object_attributes().no_da();
         let auth = if uses_auth {
             Some(self.auth()?.ok_or_else(|| {
@@ -1264,27 +1371,33 @@ impl RootOfTrust for TpmRoot {
                 }
                 conn.ctx
                     .execute_with_session(Some(AuthSession::Password), |ctx| {
-                        ctx.sign(
-                            handle,
-                            digest,
-                            SignatureScheme::EcDsa {
-                                hash_scheme: HashScheme::new(HashingAlgorithm::Sha256),
-                            },
-                            validation,
-                        )
+                        ctx.sign(handle, digest, scheme, validation)
                     })
                     .map_err(|e| conn.err("signing with a TPM key", e))
             })
         })?;
-        let Signature::EcDsa(sig) = signature else {
-            return Err(RootError::Device(
-                "the TPM returned a non-ECDSA signature".into(),
-            ));
-        };
-        let mut raw = Vec::with_capacity(64);
-        raw.extend(left_pad32(sig.signature_r().value())?);
-        raw.extend(left_pad32(sig.signature_s().value())?);
-        ecdsa_raw_to_der(&raw)
+        match (key.alg, signature) {
+            (SignAlg::EcdsaP256Sha256, Signature::EcDsa(sig)) => {
+                let mut raw = Vec::with_capacity(64);
+                raw.extend(left_pad32(sig.signature_r().value())?);
+                raw.extend(left_pad32(sig.signature_s().value())?);
+                ecdsa_raw_to_der(&raw)
+            }
+            (SignAlg::RsaPss3072Sha256, Signature::RsaPss(sig)) => {
+                let v = sig.signature().value();
+                if v.len() != RSA3072_LEN {
+                    return Err(RootError::Device(format!(
+                        "the TPM returned an RSA-PSS signature of {} bytes (expected {RSA3072_LEN})",
+                        v.len()
+                    )));
+                }
+                Ok(v.to_vec())
+            }
+            (alg, _) => Err(RootError::Device(format!(
+                "the TPM returned a signature of another kind than {}",
+                alg.as_str()
+            ))),
+        }
     }
 
     fn destroy_signing_key(&self, _key: &SigningKeyRef) -> Result<(), RootError> {
@@ -1309,6 +1422,34 @@ fn left_pad32(v: &[u8]) -> Result<[u8; 32], RootError> {
     let mut out = [0u8; 32];
     out[32 - v.len()..].copy_from_slice(v);
     Ok(out)
+}
+
+/// Parses a TPM signing key reference.
+fn parse_signing_key(key: &SigningKeyRef) -> Result<ObjectBlob, RootError> {
+    parse_object(&key.handle, TAG_SIGNING_KEY, "signing key reference")
+}
+
+/// Modulus and public exponent (big-endian) of an RSA-3072 signing key's
+/// public area. An exponent of 0 in TPMT_PUBLIC means 65537.
+fn rsa3072_public(public: &Public) -> Result<(Vec<u8>, Vec<u8>), RootError> {
+    let Public::Rsa {
+        parameters, unique, ..
+    } = public
+    else {
+        return Err(RootError::Integrity(
+            "signing key reference is malformed: not an RSA key".into(),
+        ));
+    };
+    if parameters.key_bits() != RsaKeyBits::Rsa3072 || unique.value().len() != RSA3072_LEN {
+        return Err(RootError::Integrity(
+            "signing key reference is malformed: not an RSA-3072 key".into(),
+        ));
+    }
+    let exponent = match parameters.exponent().value() {
+        0 => 65537,
+        e => e,
+    };
+    Ok((unique.value().to_vec(), exponent.to_be_bytes().to_vec()))
 }
 
 /// `0x04 || X || Y` of a P-256 ECDSA public area.
@@ -1432,6 +1573,27 @@ mod tests {
         assert_eq!(left_pad32(&[0, 0, 5]).unwrap()[31], 5);
         assert!(left_pad32(&[1; 33]).is_err());
         assert_eq!(left_pad32(&[]).unwrap(), [0u8; 32]);
+    }
+
+    #[test]
+    fn rsa_public_area_to_spki() {
+        let public = PublicBuilder::new()
+            .with_public_algorithm(PublicAlgorithm::Rsa)
+            .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
+            .with_object_attributes(signing_attributes(false).unwrap())
+            .with_rsa_parameters(rsa3072_parameters().unwrap())
+            .with_rsa_unique_identifier(PublicKeyRsa::try_from(vec![0xc5; RSA3072_LEN]).unwrap())
+            .build()
+            .unwrap();
+        let (n, e) = rsa3072_public(&public).unwrap();
+        assert_eq!(n.len(), RSA3072_LEN);
+        // Exponent 0 in TPMT_PUBLIC means 65537.
+        assert_eq!(e, 65537u32.to_be_bytes());
+        assert!(rsa3072_spki(&n, &e).is_ok());
+        // An ECC public area is not an RSA key.
+        let ecc = signing_template(false).unwrap();
+        assert!(matches!(rsa3072_public(&ecc), Err(RootError::Integrity(_))));
+        assert!(matches!(p256_point(&public), Err(RootError::Integrity(_))));
     }
 
     #[test]
