@@ -6,10 +6,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Messages that carry secret values get a hand-written, masking
         // `Debug` (src/api/redact.rs) instead of prost's derived one.
         .skip_debug(["keyseal.v1.PutRequest", "keyseal.v1.GetResponse"])
+        // API-key messages that carry a full key (src/api/apikeys_svc.rs).
+        .skip_debug([
+            "keyseal.v1.IssueApiKeyResponse",
+            "keyseal.v1.RotateApiKeyResponse",
+            "keyseal.v1.VerifyApiKeyRequest",
+        ])
+        // Carries a target credential's value (src/api/proxy_svc.rs).
+        .skip_debug(["keyseal.v1.PutCredentialRequest"])
         .compile_protos(
             &[
                 "proto/keyseal/v1/secrets.proto",
                 "proto/keyseal/v1/system.proto",
+                "proto/keyseal/v1/keys.proto",
+                "proto/keyseal/v1/apikeys.proto",
+                "proto/keyseal/v1/proxy.proto",
             ],
             &["proto"],
         )?;

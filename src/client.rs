@@ -5,7 +5,9 @@ use std::path::Path;
 
 use tonic::transport::{Channel, Endpoint};
 
-use crate::api::pb::{secrets_client::SecretsClient, system_client::SystemClient};
+use crate::api::pb::{
+    keys_client::KeysClient, secrets_client::SecretsClient, system_client::SystemClient,
+};
 use crate::daemon::CLIENT_MAX_MESSAGE_BYTES as MAX_MESSAGE_BYTES;
 
 /// Env var naming the socket for the CLI.
@@ -23,6 +25,7 @@ pub async fn connect(socket: &Path) -> Result<Channel, tonic::transport::Error> 
 pub struct Client {
     pub secrets: SecretsClient<Channel>,
     pub system: SystemClient<Channel>,
+    pub keys: KeysClient<Channel>,
 }
 
 impl Client {
@@ -32,7 +35,8 @@ impl Client {
             secrets: SecretsClient::new(ch.clone())
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
-            system: SystemClient::new(ch),
+            system: SystemClient::new(ch.clone()),
+            keys: KeysClient::new(ch),
         })
     }
 }

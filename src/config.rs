@@ -42,6 +42,12 @@ struct RawConfig {
     log: RawLog,
     #[serde(default)]
     memory: RawMemory,
+    #[serde(default)]
+    apikeys: crate::apikeys::RawApiKeys,
+    #[serde(default)]
+    rate_plans: std::collections::BTreeMap<String, crate::apikeys::RawRatePlan>,
+    #[serde(default)]
+    proxy: crate::proxy::RawProxyConfig,
 }
 
 #[derive(Debug, Deserialize)]
@@ -146,6 +152,10 @@ pub struct Config {
     pub log_format: LogFormat,
     pub log_level: String,
     pub lock_memory: LockMemory,
+    /// `[apikeys]` and `[rate_plans.NAME]` (see `docs/apikeys.md`).
+    pub apikeys: crate::apikeys::ApiKeysConfig,
+    /// `[proxy]` (see `docs/proxy.md`).
+    pub proxy: crate::proxy::ProxyConfig,
 }
 
 impl Config {
@@ -295,7 +305,12 @@ impl Config {
         if timeout == 0 {
             return Err(err("api.request_timeout_secs must be at least 1".into()));
         }
+        let apikeys =
+            crate::apikeys::ApiKeysConfig::from_raw(raw.apikeys, raw.rate_plans).map_err(err)?;
+        let proxy = crate::proxy::ProxyConfig::from_raw(raw.proxy, base).map_err(err)?;
         Ok(Config {
+            apikeys,
+            proxy,
             root,
             store_path: abs(&raw.store.path),
             max_value_bytes,

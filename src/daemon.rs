@@ -21,6 +21,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 use tracing::Instrument;
 
+use crate::api::apikeys_svc::ApiKeysService;
+use crate::api::pb::api_keys_server::ApiKeysServer;
 use crate::api::pb::{secrets_server::SecretsServer, system_server::SystemServer};
 use crate::api::secrets_svc::SecretsService;
 use crate::api::system_svc::SystemService;
@@ -238,6 +240,12 @@ pub async fn serve(
     health_reporter
         .set_serving::<SystemServer<SystemService>>()
         .await;
+    health_reporter
+        .set_serving::<crate::api::pb::keys_server::KeysServer<crate::api::keys_svc::KeysService>>()
+        .await;
+    health_reporter
+        .set_serving::<ApiKeysServer<ApiKeysService>>()
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::api::pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -257,6 +265,9 @@ pub async fn serve(
     let system = SystemServer::new(SystemService {
         state: state.clone(),
     });
+    let keys = crate::api::pb::keys_server::KeysServer::new(crate::api::keys_svc::KeysService {
+        state: state.clone(),
+    });
     let mut builder = tonic::transport::Server::builder().trace_fn(|req| {
         let caller = req.extensions().get::<Caller>();
         tracing::info_span!(
@@ -271,7 +282,16 @@ pub async fn serve(
     let router = builder
         .add_service(health_service)
         .add_service(secrets)
+        .add_service(keys)
         .add_service(system);
+    let router = router.add_service(ApiKeysServer::new(ApiKeysService {
+        state: state.clone(),
+    }));
+    let router = router.add_service(crate::api::pb::proxy_server::ProxyServer::new(
+        crate::api::proxy_svc::ProxyService {
+            state: state.clone(),
+        },
+    ));
     let router = match reflection {
         Ok(r) => router.add_service(r),
         Err(_) => router,

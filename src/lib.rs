@@ -10,6 +10,8 @@
 )]
 
 pub mod api;
+pub mod apikeys;
+pub mod audit;
 pub mod client;
 pub mod config;
 pub mod daemon;
@@ -20,6 +22,8 @@ pub mod identity;
 pub mod keys;
 pub mod name;
 pub mod policy;
+pub mod proxy;
+pub mod ratelimit;
 pub mod root;
 pub mod secrets;
 pub mod store;

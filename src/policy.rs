@@ -762,6 +762,15 @@ impl Policy {
         }
     }
 
+    /// Whether some rule grants `cap` to `who`, on any name. Lets a service
+    /// refuse a caller that holds `cap` nowhere before any lookup (API-key
+    /// Verify, whose name, the key's owner, is known only after the lookup).
+    pub fn grants_any(&self, who: &PeerIdentity, cap: Capability) -> bool {
+        self.rules
+            .iter()
+            .any(|r| r.caps & cap.bit() != 0 && r.selector.matches(who))
+    }
+
     /// The secret a systemd `LoadCredential` request of `unit` for `id`
     /// maps to, if any.
     pub fn credential(&self, unit: &str, id: &str) -> Option<&str> {

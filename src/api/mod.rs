@@ -5,6 +5,9 @@
 //! Architecture invariant: handlers never trust request fields for identity;
 //! the [`Caller`] comes from the connection (see `crate::daemon`).
 
+pub mod apikeys_svc;
+pub mod keys_svc;
+pub mod proxy_svc;
 mod redact;
 pub mod secrets_svc;
 pub mod system_svc;
@@ -53,8 +56,14 @@ pub struct DaemonState {
     pub hardening: HardeningReport,
     pub events: tokio::sync::broadcast::Sender<ChangeEvent>,
     pub request_timeout: Duration,
+    /// API keys: issue, verify, rotate, revoke (`apikeys_svc`).
+    pub apikeys: Arc<crate::apikeys::ApiKeys>,
+    /// Named signing keys held in the root device.
+    pub keys: Arc<crate::keys::Keys>,
     /// Becomes `true` when the daemon shuts down; long-lived streams end on it.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// Proxy targets, credentials, proxies, rules and the request log.
+    pub proxies: Arc<crate::proxy::ProxyStore>,
 }
 
 /// The caller of `req`, or UNAUTHENTICATED when the connection had no peer
@@ -90,6 +99,23 @@ impl DaemonState {
         let job = tokio::task::spawn_blocking(move || f(&s));
         match tokio::time::timeout(self.request_timeout, job).await {
             Ok(Ok(r)) => r.map_err(status_of),
+            Ok(Err(_)) => Err(Status::internal("request worker failed")),
+            Err(_) => Err(Status::deadline_exceeded(
+                "the root device or store did not answer in time; retry later",
+            )),
+        }
+    }
+}
+
+impl DaemonState {
+    /// Runs blocking work that already speaks `Status`, bounded by the
+    /// request timeout like [`DaemonState::blocking`].
+    pub async fn run_blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> Result<T, Status> + Send + 'static,
+    ) -> Result<T, Status> {
+        match tokio::time::timeout(self.request_timeout, tokio::task::spawn_blocking(f)).await {
+            Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(Status::internal("request worker failed")),
             Err(_) => Err(Status::deadline_exceeded(
                 "the root device or store did not answer in time; retry later",

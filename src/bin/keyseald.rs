@@ -116,6 +116,13 @@ fn main() -> ExitCode {
         }
         Err(e) => return fail(exit::of_secrets(&e), e),
     };
+    let apikeys = match keyseal::apikeys::ApiKeys::open(&secrets, cfg.apikeys.clone()) {
+        Ok(a) => Arc::new(a),
+        Err(keyseal::apikeys::ApiKeyError::Secrets(e)) => {
+            return fail(exit::of_secrets(&e), format!("api keys: {e}"))
+        }
+        Err(e) => return fail(exit::FAILURE, format!("api keys: {e}")),
+    };
     if args.check {
         println!("keyseald: config, policy, root device and store are OK");
         return ExitCode::SUCCESS;
@@ -143,6 +150,7 @@ fn main() -> ExitCode {
         secrets,
         PolicyHandle::new(policy),
         hardening,
+        apikeys,
     ))
 }
 
@@ -152,6 +160,7 @@ async fn run(
     secrets: Arc<SecretStore>,
     policy: PolicyHandle,
     hardening: keyseal::hardening::HardeningReport,
+    apikeys: Arc<keyseal::apikeys::ApiKeys>,
 ) -> ExitCode {
     use tokio::signal::unix::{signal, SignalKind};
     let listener = match keyseal::daemon::listener_from_env_or_bind(
@@ -179,6 +188,17 @@ async fn run(
         },
         None => None,
     };
+    let keys = match keyseal::keys::Keys::open(
+        secrets.envelope().root().clone(),
+        secrets.store().db.clone(),
+    ) {
+        Ok(k) => Arc::new(k),
+        Err(e) => return fail(exit::IO, format!("cannot open the key registry: {e}")),
+    };
+    let proxies = match keyseal::proxy::ProxyStore::open(secrets.clone()) {
+        Ok(p) => Arc::new(p),
+        Err(e) => return fail(exit::IO, format!("cannot open the proxy store: {e}")),
+    };
     let (events, _) = tokio::sync::broadcast::channel(1024);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let state = Arc::new(DaemonState {
@@ -188,7 +208,10 @@ async fn run(
         hardening,
         events,
         request_timeout: cfg.request_timeout,
+        apikeys,
+        keys,
         shutdown: stop_rx.clone(),
+        proxies: proxies.clone(),
     });
     // An interrupted root rotation resumes in the background.
     if let Ok(Some(to)) = secrets.pending_rotation() {
@@ -238,6 +261,14 @@ async fn run(
     let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|v| *v).await;
     };
+    let gateway = Arc::new(keyseal::proxy::server::Gateway::new(
+        state.clone(),
+        proxies,
+        cfg.proxy.clone(),
+    ));
+    if let Err(e) = keyseal::proxy::server::run(gateway, stop_rx.clone()).await {
+        return fail(exit::CANT_CREATE, e);
+    }
     if let Some(l) = creds {
         tokio::spawn(serve_credentials(
             state.clone(),

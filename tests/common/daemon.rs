@@ -27,6 +27,13 @@ name = "root: admin"
 capabilities = ["system:admin", "audit:read"]
 [rule.match]
 uid = 0
+
+[[rule]]
+name = "root: keys and api keys"
+capabilities = ["key:sign", "key:admin", "apikey:verify", "apikey:admin"]
+names = ["**"]
+[rule.match]
+uid = 0
 "#;
 
 /// A running (or stopped) keyseald with its own directory.

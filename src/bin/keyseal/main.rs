@@ -6,6 +6,12 @@ use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod apikey;
+
+mod key;
+
+mod proxy;
+
 use clap::{CommandFactory, Parser, Subcommand};
 use keyseal::api::pb;
 use keyseal::client::{Client, SOCKET_ENV};
@@ -33,6 +39,23 @@ enum Cmd {
     /// Secrets: put, get, ls, history, rm, undelete, destroy, watch.
     #[command(subcommand)]
     Secret(SecretCmd),
+    /// Signing keys held in the root device: create, sign, verify, rotate, jwks.
+    #[command(subcommand)]
+    Key(key::Cmd),
+    /// API keys: issue, ls, show, rotate, revoke, verify.
+    #[command(subcommand)]
+    Apikey(apikey::Cmd),
+    /// Proxy targets (upstreams) and their sealed credentials.
+    #[command(subcommand)]
+    Target(proxy::TargetCmd),
+    /// Credential-injecting proxies: put, ls, show, rm, test, requests.
+    #[command(subcommand)]
+    Proxy(proxy::ProxyCmd),
+    /// Rules of a proxy: add, ls, rm.
+    #[command(subcommand)]
+    Rule(proxy::RuleCmd),
+    /// Find keyseal API keys in files; exits 1 when one is live or unknown (pre-commit hook).
+    Scan(apikey::ScanArgs),
     /// Daemon status: root backend and key version, counts, cache.
     Status {
         #[arg(long)]
@@ -264,6 +287,12 @@ async fn dispatch(cli: Cli) -> Res {
         Cmd::Root(RootCmd::Rotate) => rotate(&cli.socket).await,
         Cmd::Run { env, command } => run(&cli.socket, env, command).await,
         Cmd::Secret(c) => secret(&cli.socket, c).await,
+        Cmd::Apikey(c) => apikey::run(&cli.socket, c).await,
+        Cmd::Scan(a) => apikey::scan(&cli.socket, a).await,
+        Cmd::Key(c) => key::run(&cli.socket, c).await,
+        Cmd::Target(c) => proxy::target(&cli.socket, c).await,
+        Cmd::Proxy(c) => proxy::proxy(&cli.socket, c).await,
+        Cmd::Rule(c) => proxy::rule(&cli.socket, c).await,
     }
 }
 

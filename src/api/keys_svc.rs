@@ -1,0 +1,313 @@
+//! `keyseal.v1.Keys`: named signing keys held in the root device.
+//!
+//! Capabilities: `key:admin` (create, rotate, enable/disable, destroy),
+//! `key:sign` (sign, verify); reading public material (get, list, jwks)
+//! needs either.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::pb::{self, keys_server::Keys as KeysApi};
+use super::{caller, Caller, DaemonState};
+use crate::keys::{jwk, kid, spki_pem, KeyRecord, KeyVersionState, KeysError, SignInput};
+use crate::name::SecretName;
+use crate::policy::Capability;
+use crate::root::{RootError, SignAlg};
+use crate::secrets::OpCtx;
+
+/// The Keys service.
+pub struct KeysService {
+    pub state: Arc<DaemonState>,
+}
+
+fn parse_name(s: &str) -> Result<SecretName, Status> {
+    SecretName::parse(s).map_err(|e| Status::invalid_argument(format!("invalid key name: {e}")))
+}
+
+/// Maps a keys error to a gRPC status (messages never carry key material).
+pub fn status_of_keys(e: KeysError) -> Status {
+    let msg = e.to_string();
+    match e {
+        KeysError::InvalidName(_) | KeysError::InvalidArgument(_) => Status::invalid_argument(msg),
+        KeysError::NotFound | KeysError::VersionNotFound(_) => Status::not_found(msg),
+        KeysError::Exists => Status::already_exists(msg),
+        KeysError::Disabled(_) => Status::failed_precondition(msg),
+        KeysError::Root(RootError::Unsupported(_)) => Status::unimplemented(msg),
+        KeysError::Root(RootError::Config(_)) => Status::invalid_argument(msg),
+        KeysError::Root(RootError::Integrity(_)) => Status::data_loss(msg),
+        KeysError::Root(_) => Status::unavailable(msg),
+        KeysError::Store(crate::store::StoreError::NoSpace(_)) => Status::resource_exhausted(msg),
+        KeysError::Store(_) => Status::internal(msg),
+    }
+}
+
+fn info(rec: KeyRecord) -> Result<pb::KeyInfo, Status> {
+    let mut versions = Vec::with_capacity(rec.versions.len());
+    for v in &rec.versions {
+        let j = jwk(rec.alg, &v.spki, &kid(&rec.name, v.version)).map_err(status_of_keys)?;
+        versions.push(pb::KeyVersionInfo {
+            version: v.version,
+            state: match v.state {
+                KeyVersionState::Enabled => "enabled",
+                KeyVersionState::Disabled => "disabled",
+            }
+            .into(),
+            created_at: v.created_at,
+            public_key_pem: spki_pem(&v.spki),
+            jwk: j.to_string(),
+        });
+    }
+    Ok(pb::KeyInfo {
+        name: rec.name,
+        algorithm: rec.alg.as_str().into(),
+        current_version: rec.current,
+        created_at: rec.created_at,
+        created_by: rec.created_by,
+        versions,
+    })
+}
+
+/// Owned sign/verify input taken from a request.
+enum Input {
+    Message(Vec<u8>),
+    Digest(Vec<u8>),
+}
+
+impl Input {
+    fn from_sign(i: Option<pb::sign_request::Input>, hash: &str) -> Result<Input, Status> {
+        match i {
+            Some(pb::sign_request::Input::Message(m)) => Ok(Input::Message(m)),
+            Some(pb::sign_request::Input::Digest(d)) => Self::digest(d, hash),
+            None => Err(Status::invalid_argument("give a message or a digest")),
+        }
+    }
+
+    fn from_verify(i: Option<pb::verify_request::Input>, hash: &str) -> Result<Input, Status> {
+        match i {
+            Some(pb::verify_request::Input::Message(m)) => Ok(Input::Message(m)),
+            Some(pb::verify_request::Input::Digest(d)) => Self::digest(d, hash),
+            None => Err(Status::invalid_argument("give a message or a digest")),
+        }
+    }
+
+    fn digest(d: Vec<u8>, hash: &str) -> Result<Input, Status> {
+        if !hash.eq_ignore_ascii_case("sha256") {
+            return Err(Status::invalid_argument(
+                "hash must be \"sha256\" for a prehashed digest",
+            ));
+        }
+        if d.len() != 32 {
+            return Err(Status::invalid_argument("a SHA-256 digest is 32 bytes"));
+        }
+        Ok(Input::Digest(d))
+    }
+
+    fn as_input(&self) -> SignInput<'_> {
+        match self {
+            Input::Message(m) => SignInput::Message(m),
+            Input::Digest(d) => SignInput::Sha256Digest(d),
+        }
+    }
+}
+
+impl KeysService {
+    fn read_allowed(&self, who: &Caller, name: &str) -> Result<(), Status> {
+        let p = self.state.policy.current();
+        if p.check(&who.identity, Capability::KeySign, name).allowed
+            || p.check(&who.identity, Capability::KeyAdmin, name).allowed
+        {
+            Ok(())
+        } else {
+            self.state.authorize(who, Capability::KeySign, name)
+        }
+    }
+
+    async fn keys<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&crate::keys::Keys) -> Result<T, KeysError> + Send + 'static,
+    ) -> Result<T, Status> {
+        let keys = self.state.keys.clone();
+        self.state
+            .run_blocking(move || f(&keys).map_err(status_of_keys))
+            .await
+    }
+}
+
+#[tonic::async_trait]
+impl KeysApi for KeysService {
+    async fn create(
+        &self,
+        req: Request<pb::CreateKeyRequest>,
+    ) -> Result<Response<pb::KeyInfo>, Status> {
+        let who = caller(&req)?;
+        let r = req.into_inner();
+        let name = parse_name(&r.name)?;
+        let alg = SignAlg::parse(&r.algorithm).ok_or_else(|| {
+            Status::invalid_argument(
+                "algorithm must be \"ecdsa-p256\", \"ed25519\" or \"rsa-pss-3072\"",
+            )
+        })?;
+        self.state
+            .authorize(&who, Capability::KeyAdmin, name.as_str())?;
+        let ctx = OpCtx::new(who.identity.actor());
+        let rec = self
+            .keys(move |k| k.create(&name, alg, &ctx.actor, ctx.now))
+            .await?;
+        tracing::info!(key = %rec.name, alg = rec.alg.as_str(), "signing key created");
+        Ok(Response::new(info(rec)?))
+    }
+
+    async fn list(
+        &self,
+        req: Request<pb::ListKeysRequest>,
+    ) -> Result<Response<pb::ListKeysResponse>, Status> {
+        let who = caller(&req)?;
+        let prefix = req.into_inner().prefix;
+        crate::name::check_prefix(&prefix)
+            .map_err(|e| Status::invalid_argument(format!("invalid prefix: {e}")))?;
+        let recs = self.keys(move |k| k.list(&prefix)).await?;
+        let p = self.state.policy.current();
+        let mut keys = Vec::new();
+        for rec in recs {
+            if p.check(&who.identity, Capability::KeySign, &rec.name)
+                .allowed
+                || p.check(&who.identity, Capability::KeyAdmin, &rec.name)
+                    .allowed
+            {
+                keys.push(info(rec)?);
+            }
+        }
+        Ok(Response::new(pb::ListKeysResponse { keys }))
+    }
+
+    async fn get(&self, req: Request<pb::KeyNameRequest>) -> Result<Response<pb::KeyInfo>, Status> {
+        let who = caller(&req)?;
+        let name = parse_name(&req.into_inner().name)?;
+        self.read_allowed(&who, name.as_str())?;
+        let rec = self.keys(move |k| k.get(&name)).await?;
+        Ok(Response::new(info(rec)?))
+    }
+
+    async fn sign(
+        &self,
+        req: Request<pb::SignRequest>,
+    ) -> Result<Response<pb::SignResponse>, Status> {
+        let who = caller(&req)?;
+        let r = req.into_inner();
+        let name = parse_name(&r.name)?;
+        let input = Input::from_sign(r.input, &r.hash)?;
+        self.state
+            .authorize(&who, Capability::KeySign, name.as_str())?;
+        let n = name.clone();
+        let (version, signature) = self.keys(move |k| k.sign(&n, input.as_input())).await?;
+        tracing::info!(key = %name, version, "signed");
+        Ok(Response::new(pb::SignResponse {
+            version,
+            signature,
+            kid: kid(name.as_str(), version),
+        }))
+    }
+
+    async fn verify(
+        &self,
+        req: Request<pb::VerifyRequest>,
+    ) -> Result<Response<pb::VerifyResponse>, Status> {
+        let who = caller(&req)?;
+        let r = req.into_inner();
+        let name = parse_name(&r.name)?;
+        let input = Input::from_verify(r.input, &r.hash)?;
+        self.state
+            .authorize(&who, Capability::KeySign, name.as_str())?;
+        let version = (r.version != 0).then_some(r.version);
+        let sig = r.signature;
+        let v = self
+            .keys(move |k| k.verify(&name, input.as_input(), &sig, version))
+            .await?;
+        Ok(Response::new(pb::VerifyResponse {
+            valid: v.is_some(),
+            version: v.unwrap_or(0),
+        }))
+    }
+
+    async fn rotate(
+        &self,
+        req: Request<pb::KeyNameRequest>,
+    ) -> Result<Response<pb::KeyInfo>, Status> {
+        let who = caller(&req)?;
+        let name = parse_name(&req.into_inner().name)?;
+        self.state
+            .authorize(&who, Capability::KeyAdmin, name.as_str())?;
+        let now = OpCtx::new("").now;
+        let rec = self.keys(move |k| k.rotate(&name, now)).await?;
+        tracing::info!(key = %rec.name, version = rec.current, "signing key rotated");
+        Ok(Response::new(info(rec)?))
+    }
+
+    async fn disable_version(
+        &self,
+        req: Request<pb::KeyVersionRequest>,
+    ) -> Result<Response<pb::KeyInfo>, Status> {
+        let who = caller(&req)?;
+        let r = req.into_inner();
+        let name = parse_name(&r.name)?;
+        self.state
+            .authorize(&who, Capability::KeyAdmin, name.as_str())?;
+        let rec = self
+            .keys(move |k| k.set_enabled(&name, r.version, false))
+            .await?;
+        tracing::info!(key = %rec.name, version = r.version, "key version disabled");
+        Ok(Response::new(info(rec)?))
+    }
+
+    async fn enable_version(
+        &self,
+        req: Request<pb::KeyVersionRequest>,
+    ) -> Result<Response<pb::KeyInfo>, Status> {
+        let who = caller(&req)?;
+        let r = req.into_inner();
+        let name = parse_name(&r.name)?;
+        self.state
+            .authorize(&who, Capability::KeyAdmin, name.as_str())?;
+        let rec = self
+            .keys(move |k| k.set_enabled(&name, r.version, true))
+            .await?;
+        tracing::info!(key = %rec.name, version = r.version, "key version enabled");
+        Ok(Response::new(info(rec)?))
+    }
+
+    async fn destroy(
+        &self,
+        req: Request<pb::KeyNameRequest>,
+    ) -> Result<Response<pb::DestroyKeyResponse>, Status> {
+        let who = caller(&req)?;
+        let name = parse_name(&req.into_inner().name)?;
+        self.state
+            .authorize(&who, Capability::KeyAdmin, name.as_str())?;
+        let n = name.clone();
+        self.keys(move |k| k.destroy(&n)).await?;
+        tracing::info!(key = %name, "signing key destroyed");
+        Ok(Response::new(pb::DestroyKeyResponse {}))
+    }
+
+    async fn jwks(
+        &self,
+        req: Request<pb::JwksRequest>,
+    ) -> Result<Response<pb::JwksResponse>, Status> {
+        let who = caller(&req)?;
+        let names = req.into_inner().names;
+        if names.is_empty() || names.len() > 100 {
+            return Err(Status::invalid_argument("name 1 to 100 keys"));
+        }
+        let mut parsed = Vec::with_capacity(names.len());
+        for n in &names {
+            let n = parse_name(n)?;
+            self.read_allowed(&who, n.as_str())?;
+            parsed.push(n);
+        }
+        let jwks = self.keys(move |k| k.jwks(&parsed)).await?;
+        Ok(Response::new(pb::JwksResponse {
+            jwks: jwks.to_string(),
+        }))
+    }
+}

@@ -1,0 +1,559 @@
+//! `keyseal.v1.Proxy`: targets, target credentials (write-only), proxies,
+//! rules, rule explanations and the request log.
+//!
+//! Capability `proxy:admin` on `target/<name>`, `credential/<id>` or
+//! `proxy/<name>` (rules, tests and the request log are the proxy's).
+//! A credential value goes in through `PutCredential` and never comes out.
+
+use std::fmt;
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::pb::{self, proxy_server::Proxy as ProxyApi};
+use super::{caller, DaemonState};
+use crate::policy::Capability;
+use crate::proxy::model::{
+    CallerSelector, Condition, Credential, Effect, Injection, Proxy, ProxyError, RequestFacts,
+    Rule, Target,
+};
+use crate::proxy::store::LogEntry;
+use crate::proxy::ProxyStore;
+use crate::secrets::OpCtx;
+
+impl fmt::Debug for pb::PutCredentialRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PutCredentialRequest")
+            .field("credential", &self.credential)
+            .field("value", &format_args!("*** ({} bytes)", self.value.len()))
+            .finish()
+    }
+}
+
+/// The Proxy service.
+pub struct ProxyService {
+    pub state: Arc<DaemonState>,
+}
+
+/// Maps a proxy error to a gRPC status.
+pub fn status_of_proxy(e: ProxyError) -> Status {
+    match e {
+        ProxyError::InvalidArgument(m) => Status::invalid_argument(m),
+        ProxyError::NotFound(m) => Status::not_found(format!("{m} not found")),
+        ProxyError::FailedPrecondition(m) => Status::failed_precondition(m),
+        ProxyError::Secrets(s) => super::status_of(s),
+    }
+}
+
+fn target_pb(t: Target) -> pb::ProxyTarget {
+    pb::ProxyTarget {
+        name: t.name,
+        base_url: t.base_url,
+        ca_bundle: t.ca_bundle.unwrap_or_default(),
+        connect_timeout_ms: t.connect_timeout_ms,
+        response_timeout_ms: t.response_timeout_ms,
+        idle_timeout_ms: t.idle_timeout_ms,
+        created_at: t.created_at,
+        updated_at: t.updated_at,
+        allow_http: false,
+    }
+}
+
+fn cred_pb(c: Credential) -> pb::TargetCredential {
+    let description = c.injection.describe();
+    let (kind, header, basic_user, query_param) = match c.injection {
+        Injection::Header { name, template } => (
+            "header",
+            format!("{name}: {template}"),
+            String::new(),
+            String::new(),
+        ),
+        Injection::Basic { user } => ("basic", String::new(), user, String::new()),
+        Injection::Query { param } => ("query", String::new(), String::new(), param),
+    };
+    pb::TargetCredential {
+        id: c.id,
+        target: c.target,
+        kind: kind.into(),
+        header,
+        basic_user,
+        query_param,
+        created_at: c.created_at,
+        created_by: c.created_by,
+        updated_at: c.updated_at,
+        description,
+    }
+}
+
+fn proxy_pb(p: Proxy) -> pb::ProxyInfo {
+    pb::ProxyInfo {
+        name: p.name,
+        target: p.target,
+        credential: p.credential.unwrap_or_default(),
+        default_effect: p.default_effect.as_str().into(),
+        rate_plan: p.rate_plan.unwrap_or_default(),
+        callers: p.callers.iter().map(|c| c.to_string()).collect(),
+        key_ids: p.key_ids,
+        key_owners: p.key_owners,
+        created_at: p.created_at,
+        updated_at: p.updated_at,
+    }
+}
+
+fn cond_pb(c: Condition) -> pb::ProxyCondition {
+    pb::ProxyCondition {
+        name: c.name,
+        regex: c.regex,
+    }
+}
+
+fn rule_pb(r: Rule) -> pb::ProxyRule {
+    pb::ProxyRule {
+        proxy: r.proxy,
+        id: r.id,
+        priority: r.priority,
+        effect: r.effect.as_str().into(),
+        methods: r.methods,
+        path: r.path,
+        headers: r.headers.into_iter().map(cond_pb).collect(),
+        query: r.query.into_iter().map(cond_pb).collect(),
+        notes: r.notes,
+        created_at: r.created_at,
+    }
+}
+
+fn log_pb(e: LogEntry) -> pb::RequestLogEntry {
+    pb::RequestLogEntry {
+        time_us: e.time_us,
+        proxy: e.proxy,
+        caller: e.caller,
+        method: e.method,
+        path: e.path,
+        status: u32::from(e.status),
+        latency_us: e.latency_us,
+        bytes_in: e.bytes_in,
+        bytes_out: e.bytes_out,
+        decision: e.decision,
+        rule: e.rule.unwrap_or_default(),
+    }
+}
+
+fn opt(s: String) -> Option<String> {
+    if s.is_empty() {
+        None
+    } else {
+        Some(s)
+    }
+}
+
+fn ms(v: u64, default: u64) -> u64 {
+    if v == 0 {
+        default
+    } else {
+        v
+    }
+}
+
+impl ProxyService {
+    fn admin(&self, who: &super::Caller, name: &str) -> Result<(), Status> {
+        self.state.authorize(who, Capability::ProxyAdmin, name)
+    }
+
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&ProxyStore) -> Result<T, ProxyError> + Send + 'static,
+    ) -> Result<T, Status> {
+        let p = self.state.proxies.clone();
+        self.state
+            .run_blocking(move || f(&p).map_err(status_of_proxy))
+            .await
+    }
+}
+
+#[tonic::async_trait]
+impl ProxyApi for ProxyService {
+    async fn put_target(
+        &self,
+        req: Request<pb::PutTargetRequest>,
+    ) -> Result<Response<pb::ProxyTarget>, Status> {
+        let who = caller(&req)?;
+        let t = req
+            .into_inner()
+            .target
+            .ok_or_else(|| Status::invalid_argument("give a target"))?;
+        self.admin(&who, &format!("target/{}", t.name))?;
+        let base = crate::proxy::model::BaseUrl::parse(&t.base_url, t.allow_http)
+            .map_err(status_of_proxy)?;
+        let now = OpCtx::new("").now;
+        let rec = Target {
+            name: t.name,
+            base_url: base.to_text(),
+            ca_bundle: opt(t.ca_bundle),
+            connect_timeout_ms: ms(t.connect_timeout_ms, 5_000),
+            response_timeout_ms: ms(t.response_timeout_ms, 30_000),
+            idle_timeout_ms: ms(t.idle_timeout_ms, 90_000),
+            created_at: 0,
+            updated_at: 0,
+        };
+        let t = self.run(move |s| s.put_target(rec, now)).await?;
+        tracing::info!(target = %t.name, url = %t.base_url, actor = %who.identity.actor(), "proxy target saved");
+        Ok(Response::new(target_pb(t)))
+    }
+
+    async fn list_targets(
+        &self,
+        req: Request<pb::ProxyListRequest>,
+    ) -> Result<Response<pb::ListTargetsResponse>, Status> {
+        let who = caller(&req)?;
+        let all = self.run(|s| s.list_targets()).await?;
+        let p = self.state.policy.current();
+        let targets = all
+            .into_iter()
+            .filter(|t| {
+                p.check(
+                    &who.identity,
+                    Capability::ProxyAdmin,
+                    &format!("target/{}", t.name),
+                )
+                .allowed
+            })
+            .map(target_pb)
+            .collect();
+        Ok(Response::new(pb::ListTargetsResponse { targets }))
+    }
+
+    async fn delete_target(
+        &self,
+        req: Request<pb::ProxyNameRequest>,
+    ) -> Result<Response<pb::ProxyEmpty>, Status> {
+        let who = caller(&req)?;
+        let name = req.into_inner().name;
+        self.admin(&who, &format!("target/{name}"))?;
+        let n = name.clone();
+        self.run(move |s| s.delete_target(&n)).await?;
+        tracing::info!(target = %name, actor = %who.identity.actor(), "proxy target deleted");
+        Ok(Response::new(pb::ProxyEmpty {}))
+    }
+
+    async fn put_credential(
+        &self,
+        req: Request<pb::PutCredentialRequest>,
+    ) -> Result<Response<pb::TargetCredential>, Status> {
+        let who = caller(&req)?;
+        let r = req.into_inner();
+        let value = zeroize::Zeroizing::new(r.value);
+        let c = r
+            .credential
+            .ok_or_else(|| Status::invalid_argument("give a credential"))?;
+        self.admin(&who, &format!("credential/{}", c.id))?;
+        let injection = match c.kind.as_str() {
+            "header" | "" => Injection::header(if c.header.is_empty() {
+                "authorization: Bearer {}"
+            } else {
+                &c.header
+            }),
+            "basic" => Injection::basic(&c.basic_user),
+            "query" => Injection::query(&c.query_param),
+            o => Err(ProxyError::InvalidArgument(format!(
+                "kind {o:?}: use \"header\", \"basic\" or \"query\""
+            ))),
+        }
+        .map_err(status_of_proxy)?;
+        let ctx = OpCtx::new(who.identity.actor());
+        let rec = Credential {
+            id: c.id,
+            target: c.target,
+            injection,
+            created_at: 0,
+            created_by: ctx.actor.clone(),
+            updated_at: 0,
+        };
+        let c = self
+            .run(move |s| s.put_credential(rec, &value, ctx.now))
+            .await?;
+        if let Injection::Query { .. } = c.injection {
+            tracing::warn!(credential = %c.id, "query-parameter credential: discouraged (URLs end up in upstream logs)");
+        }
+        tracing::info!(credential = %c.id, target = %c.target, actor = %who.identity.actor(), "target credential sealed");
+        Ok(Response::new(cred_pb(c)))
+    }
+
+    async fn list_credentials(
+        &self,
+        req: Request<pb::ProxyListRequest>,
+    ) -> Result<Response<pb::ListCredentialsResponse>, Status> {
+        let who = caller(&req)?;
+        let all = self.run(|s| s.list_credentials()).await?;
+        let p = self.state.policy.current();
+        let credentials = all
+            .into_iter()
+            .filter(|c| {
+                p.check(
+                    &who.identity,
+                    Capability::ProxyAdmin,
+                    &format!("credential/{}", c.id),
+                )
+                .allowed
+            })
+            .map(cred_pb)
+            .collect();
+        Ok(Response::new(pb::ListCredentialsResponse { credentials }))
+    }
+
+    async fn delete_credential(
+        &self,
+        req: Request<pb::ProxyNameRequest>,
+    ) -> Result<Response<pb::ProxyEmpty>, Status> {
+        let who = caller(&req)?;
+        let id = req.into_inner().name;
+        self.admin(&who, &format!("credential/{id}"))?;
+        let i = id.clone();
+        self.run(move |s| s.delete_credential(&i)).await?;
+        tracing::info!(credential = %id, actor = %who.identity.actor(), "target credential deleted");
+        Ok(Response::new(pb::ProxyEmpty {}))
+    }
+
+    async fn put_proxy(
+        &self,
+        req: Request<pb::PutProxyRequest>,
+    ) -> Result<Response<pb::ProxyInfo>, Status> {
+        let who = caller(&req)?;
+        let p = req
+            .into_inner()
+            .proxy
+            .ok_or_else(|| Status::invalid_argument("give a proxy"))?;
+        self.admin(&who, &format!("proxy/{}", p.name))?;
+        let default_effect = Effect::parse(&p.default_effect).map_err(status_of_proxy)?;
+        let callers = p
+            .callers
+            .iter()
+            .map(|c| CallerSelector::parse(c))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(status_of_proxy)?;
+        let rate_plan = opt(p.rate_plan);
+        if let Some(plan) = &rate_plan {
+            if !self.state.apikeys.config().plans.contains_key(plan) {
+                return Err(Status::invalid_argument(format!(
+                    "rate plan {plan:?} is not configured; add a [rate_plans.{plan}] section"
+                )));
+            }
+        }
+        let rec = Proxy {
+            name: p.name,
+            target: p.target,
+            credential: opt(p.credential),
+            default_effect,
+            rate_plan,
+            callers,
+            key_ids: p.key_ids,
+            key_owners: p.key_owners,
+            created_at: 0,
+            updated_at: 0,
+        };
+        let now = OpCtx::new("").now;
+        let p = self.run(move |s| s.put_proxy(rec, now)).await?;
+        tracing::info!(proxy = %p.name, target = %p.target, credential = p.credential.as_deref().unwrap_or("-"), actor = %who.identity.actor(), "proxy saved");
+        Ok(Response::new(proxy_pb(p)))
+    }
+
+    async fn get_proxy(
+        &self,
+        req: Request<pb::ProxyNameRequest>,
+    ) -> Result<Response<pb::ProxyInfo>, Status> {
+        let who = caller(&req)?;
+        let name = req.into_inner().name;
+        self.admin(&who, &format!("proxy/{name}"))?;
+        let p = self.run(move |s| s.get_proxy(&name)).await?;
+        Ok(Response::new(proxy_pb(p)))
+    }
+
+    async fn list_proxies(
+        &self,
+        req: Request<pb::ProxyListRequest>,
+    ) -> Result<Response<pb::ListProxiesResponse>, Status> {
+        let who = caller(&req)?;
+        let all = self.run(|s| s.list_proxies()).await?;
+        let p = self.state.policy.current();
+        let proxies = all
+            .into_iter()
+            .filter(|x| {
+                p.check(
+                    &who.identity,
+                    Capability::ProxyAdmin,
+                    &format!("proxy/{}", x.name),
+                )
+                .allowed
+            })
+            .map(proxy_pb)
+            .collect();
+        Ok(Response::new(pb::ListProxiesResponse { proxies }))
+    }
+
+    async fn delete_proxy(
+        &self,
+        req: Request<pb::ProxyNameRequest>,
+    ) -> Result<Response<pb::ProxyEmpty>, Status> {
+        let who = caller(&req)?;
+        let name = req.into_inner().name;
+        self.admin(&who, &format!("proxy/{name}"))?;
+        let n = name.clone();
+        self.run(move |s| s.delete_proxy(&n)).await?;
+        tracing::info!(proxy = %name, actor = %who.identity.actor(), "proxy deleted");
+        Ok(Response::new(pb::ProxyEmpty {}))
+    }
+
+    async fn put_rule(
+        &self,
+        req: Request<pb::PutRuleRequest>,
+    ) -> Result<Response<pb::ProxyRule>, Status> {
+        let who = caller(&req)?;
+        let r = req
+            .into_inner()
+            .rule
+            .ok_or_else(|| Status::invalid_argument("give a rule"))?;
+        self.admin(&who, &format!("proxy/{}", r.proxy))?;
+        let effect = match r.effect.as_str() {
+            "allow" => Effect::Allow,
+            "deny" => Effect::Deny,
+            o => {
+                return Err(Status::invalid_argument(format!(
+                    "effect {o:?}: use \"allow\" or \"deny\""
+                )))
+            }
+        };
+        let conv = |v: Vec<pb::ProxyCondition>| {
+            v.into_iter()
+                .map(|c| Condition {
+                    name: c.name,
+                    regex: c.regex,
+                })
+                .collect()
+        };
+        let rec = Rule {
+            proxy: r.proxy,
+            id: r.id,
+            priority: r.priority,
+            effect,
+            methods: r.methods,
+            path: if r.path.is_empty() {
+                ".*".into()
+            } else {
+                r.path
+            },
+            headers: conv(r.headers),
+            query: conv(r.query),
+            notes: r.notes,
+            created_at: 0,
+        };
+        let now = OpCtx::new("").now;
+        let r = self.run(move |s| s.put_rule(rec, now)).await?;
+        tracing::info!(proxy = %r.proxy, rule = %r.id, priority = r.priority, effect = r.effect.as_str(), actor = %who.identity.actor(), "proxy rule saved");
+        Ok(Response::new(rule_pb(r)))
+    }
+
+    async fn list_rules(
+        &self,
+        req: Request<pb::ProxyNameRequest>,
+    ) -> Result<Response<pb::ListRulesResponse>, Status> {
+        let who = caller(&req)?;
+        let name = req.into_inner().name;
+        self.admin(&who, &format!("proxy/{name}"))?;
+        let rules = self
+            .run(move |s| {
+                s.get_proxy(&name)?;
+                s.list_rules(&name)
+            })
+            .await?;
+        Ok(Response::new(pb::ListRulesResponse {
+            rules: rules.into_iter().map(rule_pb).collect(),
+        }))
+    }
+
+    async fn delete_rule(
+        &self,
+        req: Request<pb::ProxyRuleRef>,
+    ) -> Result<Response<pb::ProxyEmpty>, Status> {
+        let who = caller(&req)?;
+        let r = req.into_inner();
+        self.admin(&who, &format!("proxy/{}", r.proxy))?;
+        let (p, id) = (r.proxy.clone(), r.id.clone());
+        self.run(move |s| s.delete_rule(&p, &id)).await?;
+        tracing::info!(proxy = %r.proxy, rule = %r.id, actor = %who.identity.actor(), "proxy rule deleted");
+        Ok(Response::new(pb::ProxyEmpty {}))
+    }
+
+    async fn test(
+        &self,
+        req: Request<pb::ProxyTestRequest>,
+    ) -> Result<Response<pb::ProxyTestResponse>, Status> {
+        let who = caller(&req)?;
+        let r = req.into_inner();
+        self.admin(&who, &format!("proxy/{}", r.proxy))?;
+        let path = if r.path.starts_with('/') {
+            r.path
+        } else {
+            format!("/{}", r.path)
+        };
+        let (path, query) = match path.split_once('?') {
+            Some((p, q)) => (p.to_owned(), Some(q.to_owned())),
+            None => (path, opt(r.query)),
+        };
+        let method = r.method.to_ascii_uppercase();
+        let headers: Vec<(String, String)> = r
+            .headers
+            .into_iter()
+            .map(|c| (c.name.to_ascii_lowercase(), c.regex))
+            .collect();
+        let e = self
+            .run(move |s| {
+                s.explain(
+                    &r.proxy,
+                    &RequestFacts {
+                        method: &method,
+                        path: &path,
+                        headers: &headers,
+                        query: query.as_deref(),
+                    },
+                )
+            })
+            .await?;
+        Ok(Response::new(pb::ProxyTestResponse {
+            effect: e.effect.as_str().into(),
+            rule: e.rule.unwrap_or_default(),
+            reason: e.reason,
+            trace: e
+                .trace
+                .into_iter()
+                .map(|t| pb::ProxyRuleTrace {
+                    id: t.id,
+                    priority: t.priority,
+                    effect: t.effect.as_str().into(),
+                    matched: t.matched,
+                    why_not: t.why_not.unwrap_or_default(),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn requests(
+        &self,
+        req: Request<pb::RequestsQuery>,
+    ) -> Result<Response<pb::RequestsResponse>, Status> {
+        let who = caller(&req)?;
+        let r = req.into_inner();
+        self.admin(&who, &format!("proxy/{}", r.proxy))?;
+        let limit = if r.limit == 0 {
+            1000
+        } else {
+            r.limit.min(10_000)
+        } as usize;
+        let after = r.processed_after.saturating_mul(1_000_000);
+        let before = r.processed_before.saturating_mul(1_000_000);
+        let entries = self
+            .run(move |s| s.query_log(&r.proxy, after, before, limit))
+            .await?;
+        Ok(Response::new(pb::RequestsResponse {
+            entries: entries.into_iter().map(log_pb).collect(),
+        }))
+    }
+}

@@ -1,0 +1,1217 @@
+//! [`AuditLog`]: the audit Merkle log in the store's sled database, written
+//! by one group-commit writer thread, with checkpoints signed by the audit
+//! key on the root device.
+//!
+//! Trees (all in the same `sled::Db` as the store, so one flush covers both):
+//!
+//! - `audit_events`: seq (u64 BE) → canonical event bytes.
+//! - `audit_leaves`: seq (u64 BE) → leaf hash (32 bytes).
+//! - `audit_nodes`: level (u8) ‖ index (u64 BE) → hash of the perfect
+//!   subtree of 2^level leaves starting at leaf `index << level`, written
+//!   when it completes (on average one per event). Any tree head or proof is
+//!   then O(log n) reads (O(log² n) for a proof).
+//! - `audit_checkpoints`: tree size (u64 BE) → signed checkpoint note.
+//! - `audit_meta`: `origin`, `signing_key` (the [`SigningKeyRef`]), `tree`
+//!   (size, right-edge compact range, last event time), `pruned` (size and
+//!   compact range of the pruned prefix), `exported` (largest tree size of
+//!   an exported checkpoint).
+//!
+//! Group commit: [`AuditLog::append`] queues the event; the writer takes
+//! every event waiting (up to `max_batch`), assigns consecutive sequence
+//! numbers, writes events, leaves, completed subtrees and the new tree state
+//! in ONE sled transaction, then ONE `db.flush()`, and only then answers each
+//! caller. A caller that hears nothing within the deadline gets
+//! [`AuditError::Deadline`]; its event may still be written later (the log
+//! then records an attempt whose request failed — never the reverse).
+//! Checkpoints only ever cover flushed events.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use parking_lot::{Mutex, RwLock};
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{oneshot, watch};
+
+use super::event::{AuditEvent, EventFilter, NewEvent};
+use super::key::AuditKey;
+use super::merkle::{
+    self, consistency_proof, inclusion_proof, leaf_hash, range_nodes, subtree_hash, CompactRange,
+    Hash, MerkleError, NodeId,
+};
+use super::note::{signature_line, valid_key_name, AuditPublicKey, Checkpoint};
+use super::{AuditConfig, AuditError, SIGNING_KEY_LABEL};
+use crate::root::{RootOfTrust, SignAlg, SigningKeyRef};
+use crate::secrets::SecretStore;
+use crate::store::{decode, encode, Store};
+
+const META_ORIGIN: &[u8] = b"origin";
+const META_KEY: &[u8] = b"signing_key";
+const META_TREE: &[u8] = b"tree";
+const META_PRUNED: &[u8] = b"pruned";
+const META_EXPORTED: &[u8] = b"exported";
+
+/// Deletions per sled batch when pruning.
+const PRUNE_CHUNK: usize = 10_000;
+
+/// The committed state of the tree, persisted in `audit_meta/tree`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct TreeMeta {
+    size: u64,
+    /// Right-edge compact range, largest subtree first.
+    compact: Vec<Hash>,
+    /// Time of the last event (events never go back in time).
+    last_time: u64,
+}
+
+/// The pruned prefix: events `1..=size` are gone; these subtree hashes
+/// (the compact range of `[0, size)`) stand in for them.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct Pruned {
+    size: u64,
+    nodes: Vec<(NodeId, Hash)>,
+}
+
+/// A tree head: size and root hash.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TreeHead {
+    pub size: u64,
+    pub root: Hash,
+}
+
+/// A signed checkpoint as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredCheckpoint {
+    pub checkpoint: Checkpoint,
+    /// The signed note text.
+    pub note: String,
+}
+
+/// Counters for `keyseal status`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AuditStats {
+    /// Events made durable since open.
+    pub appended: u64,
+    /// Group commits (flushes) since open.
+    pub batches: u64,
+    /// Appends that returned an error to their caller (each failed its request).
+    pub failures: u64,
+    /// ... of which because the deadline passed.
+    pub deadline_exceeded: u64,
+    /// Batches whose write or flush failed.
+    pub write_errors: u64,
+    /// Total time spent writing batches (sled transaction), microseconds.
+    pub write_micros: u64,
+    /// Total time spent in flushes, microseconds.
+    pub flush_micros: u64,
+    /// Checkpoints signed since open.
+    pub checkpoints: u64,
+    /// Checkpoints that could not be signed or stored.
+    pub checkpoint_errors: u64,
+    /// The last error, if any.
+    pub last_error: Option<String>,
+    /// Appends queued, not yet taken by the writer.
+    pub queued: u64,
+    /// Durable events in the tree.
+    pub tree_size: u64,
+    pub last_checkpoint_size: u64,
+    pub exported_size: u64,
+    /// Events `1..=pruned` were pruned.
+    pub pruned: u64,
+}
+
+/// Injected faults, for tests and failure drills.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    None,
+    /// The writer blocks before writing (a stuck disk) until cleared.
+    StallWrites,
+    /// Every batch write fails.
+    FailWrites,
+}
+
+impl Fault {
+    fn to_u8(self) -> u8 {
+        match self {
+            Fault::None => 0,
+            Fault::StallWrites => 1,
+            Fault::FailWrites => 2,
+        }
+    }
+    fn from_u8(v: u8) -> Fault {
+        match v {
+            1 => Fault::StallWrites,
+            2 => Fault::FailWrites,
+            _ => Fault::None,
+        }
+    }
+}
+
+/// Which events an export or a query covers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EventRange {
+    /// Every event not pruned.
+    All,
+    /// Sequence numbers `first..=last` (`last` is capped at the tree size).
+    Seqs { first: u64, last: u64 },
+    /// Events with `since <= time <= until` (unix millis; open ends when `None`).
+    Time {
+        since: Option<u64>,
+        until: Option<u64>,
+    },
+}
+
+/// What [`AuditLog::prune_before`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PruneSummary {
+    /// Events `1..=pruned` are gone now.
+    pub pruned: u64,
+    pub events_removed: u64,
+    pub nodes_removed: u64,
+}
+
+enum Reply {
+    Async(oneshot::Sender<Result<u64, AuditError>>),
+    Blocking(SyncSender<Result<u64, AuditError>>),
+}
+
+impl Reply {
+    fn send(self, r: Result<u64, AuditError>) {
+        match self {
+            Reply::Async(tx) => {
+                let _ = tx.send(r);
+            }
+            Reply::Blocking(tx) => {
+                let _ = tx.try_send(r);
+            }
+        }
+    }
+}
+
+struct Request {
+    event: NewEvent,
+    reply: Reply,
+}
+
+enum Ctl {
+    Nudge,
+    Stop,
+}
+
+#[derive(Default)]
+struct Counters {
+    appended: AtomicU64,
+    batches: AtomicU64,
+    failures: AtomicU64,
+    deadline_exceeded: AtomicU64,
+    write_errors: AtomicU64,
+    write_micros: AtomicU64,
+    flush_micros: AtomicU64,
+    checkpoints: AtomicU64,
+    checkpoint_errors: AtomicU64,
+    queued: AtomicU64,
+}
+
+/// The trees of the audit log.
+pub(crate) struct Trees {
+    pub(crate) events: sled::Tree,
+    pub(crate) leaves: sled::Tree,
+    pub(crate) nodes: sled::Tree,
+    pub(crate) checkpoints: sled::Tree,
+    pub(crate) meta: sled::Tree,
+}
+
+/// State shared by the handle, the writer and the checkpointer.
+pub(crate) struct Shared {
+    db: sled::Db,
+    pub(crate) t: Trees,
+    root: Arc<dyn RootOfTrust>,
+    key_ref: SigningKeyRef,
+    pub(crate) public: AuditPublicKey,
+    pub(crate) origin: String,
+    hmac: AuditKey,
+    cfg: AuditConfig,
+    head: Mutex<TreeMeta>,
+    pruned: RwLock<Pruned>,
+    counters: Counters,
+    last_error: Mutex<Option<String>>,
+    fault: AtomicU8,
+    closing: AtomicBool,
+    last_checkpoint_size: AtomicU64,
+    checkpoint_lock: Mutex<()>,
+    prune_lock: Mutex<()>,
+    size_tx: watch::Sender<u64>,
+}
+
+/// The audit log. Cheap to share behind an `Arc`; every method takes `&self`.
+pub struct AuditLog {
+    shared: Arc<Shared>,
+    tx: RwLock<Option<SyncSender<Request>>>,
+    ctl: Mutex<Option<mpsc::Sender<Ctl>>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn hash_from(v: &[u8], what: &str) -> Result<Hash, AuditError> {
+    v.try_into()
+        .map_err(|_| AuditError::Corrupt(format!("{what} is not a 32-byte hash")))
+}
+
+fn merkle_err(e: MerkleError) -> AuditError {
+    match e {
+        MerkleError::Missing(id) => AuditError::Pruned(id.end() + 1),
+        MerkleError::Storage(m) => AuditError::Corrupt(m),
+        MerkleError::Range(m) => AuditError::InvalidArgument(m),
+    }
+}
+
+/// Creates the audit signing key. The first choice of label is
+/// [`SIGNING_KEY_LABEL`]; if the device refuses it (e.g. a key of that label
+/// left by an earlier store), a suffixed label is tried once.
+fn create_signing_key(root: &dyn RootOfTrust) -> Result<SigningKeyRef, AuditError> {
+    match root.create_signing_key(SIGNING_KEY_LABEL, SignAlg::EcdsaP256Sha256) {
+        Ok(k) => Ok(k),
+        Err(first) => {
+            let mut r = [0u8; 6];
+            rand::rngs::OsRng.fill_bytes(&mut r);
+            let label = format!("{SIGNING_KEY_LABEL}-{}", hex::encode(r));
+            root.create_signing_key(&label, SignAlg::EcdsaP256Sha256)
+                .map_err(|_| AuditError::Root(first))
+        }
+    }
+}
+
+impl AuditLog {
+    /// Opens the audit log in the secret store's database, with the audit
+    /// HMAC key from the store's sealed singletons and the signing key on
+    /// its root device (both created on first open).
+    pub fn open(secrets: &SecretStore, cfg: AuditConfig) -> Result<AuditLog, AuditError> {
+        let hmac = AuditKey::load_or_create(secrets)?;
+        Self::open_with(
+            secrets.store(),
+            secrets.envelope().root().clone(),
+            hmac,
+            cfg,
+        )
+    }
+
+    /// Opens the audit log with explicit parts.
+    pub fn open_with(
+        store: &Store,
+        root: Arc<dyn RootOfTrust>,
+        hmac: AuditKey,
+        cfg: AuditConfig,
+    ) -> Result<AuditLog, AuditError> {
+        let db = store.db.clone();
+        let t = Trees {
+            events: db.open_tree("audit_events")?,
+            leaves: db.open_tree("audit_leaves")?,
+            nodes: db.open_tree("audit_nodes")?,
+            checkpoints: db.open_tree("audit_checkpoints")?,
+            meta: db.open_tree("audit_meta")?,
+        };
+        let origin = match t.meta.get(META_ORIGIN)? {
+            Some(v) => {
+                let o = String::from_utf8(v.to_vec())
+                    .map_err(|_| AuditError::Corrupt("stored origin is not UTF-8".into()))?;
+                if let Some(want) = &cfg.origin {
+                    if *want != o {
+                        tracing::warn!(stored = %o, configured = %want,
+                            "audit origin is fixed when the log is created; keeping the stored one");
+                    }
+                }
+                o
+            }
+            None => {
+                let o = match &cfg.origin {
+                    Some(o) => o.clone(),
+                    None => {
+                        let mut id = [0u8; 8];
+                        rand::rngs::OsRng.fill_bytes(&mut id);
+                        format!("keyseal.audit/{}", hex::encode(id))
+                    }
+                };
+                if !valid_key_name(&o) {
+                    return Err(AuditError::InvalidArgument(format!(
+                        "audit origin {o:?} must be non-empty, without spaces or '+'"
+                    )));
+                }
+                t.meta.insert(META_ORIGIN, o.as_bytes())?;
+                o
+            }
+        };
+        let key_ref: SigningKeyRef = match t.meta.get(META_KEY)? {
+            Some(v) => decode("audit_meta", &v)?,
+            None => {
+                let k = create_signing_key(root.as_ref())?;
+                t.meta.insert(META_KEY, encode(&k)?)?;
+                k
+            }
+        };
+        db.flush()?;
+        let spki = root.public_key_spki(&key_ref)?;
+        let public = AuditPublicKey::from_spki(&spki)
+            .map_err(|e| AuditError::Corrupt(format!("audit signing key: {e}")))?;
+        let tree: TreeMeta = match t.meta.get(META_TREE)? {
+            Some(v) => decode("audit_meta", &v)?,
+            None => TreeMeta::default(),
+        };
+        if tree.compact.len() != tree.size.count_ones() as usize {
+            return Err(AuditError::Corrupt(
+                "stored tree state has a wrong compact range".into(),
+            ));
+        }
+        let pruned: Pruned = match t.meta.get(META_PRUNED)? {
+            Some(v) => decode("audit_meta", &v)?,
+            None => Pruned::default(),
+        };
+        recover(&t, &db, tree.size, pruned.size)?;
+        let last_checkpoint_size = match t.checkpoints.last()? {
+            Some((k, _)) => u64::from_be_bytes(k.as_ref().try_into().unwrap_or([0; 8])),
+            None => 0,
+        };
+        let (size_tx, _) = watch::channel(tree.size);
+        let shared = Arc::new(Shared {
+            db,
+            t,
+            root,
+            key_ref,
+            public,
+            origin,
+            hmac,
+            head: Mutex::new(tree.clone()),
+            pruned: RwLock::new(pruned),
+            counters: Counters::default(),
+            last_error: Mutex::new(None),
+            fault: AtomicU8::new(0),
+            closing: AtomicBool::new(false),
+            last_checkpoint_size: AtomicU64::new(last_checkpoint_size),
+            checkpoint_lock: Mutex::new(()),
+            prune_lock: Mutex::new(()),
+            size_tx,
+            cfg,
+        });
+
+        let (tx, rx) = mpsc::sync_channel::<Request>(shared.cfg.queue_capacity.max(1));
+        let (ctl_tx, ctl_rx) = mpsc::channel::<Ctl>();
+        let spawn_err = |e: std::io::Error| AuditError::Io {
+            path: "audit threads".into(),
+            reason: e.to_string(),
+        };
+        let w = {
+            let shared = shared.clone();
+            let nudge = ctl_tx.clone();
+            std::thread::Builder::new()
+                .name("audit-writer".into())
+                .spawn(move || writer_loop(&shared, tree, &rx, &nudge))
+                .map_err(spawn_err)?
+        };
+        let c = {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("audit-checkpoint".into())
+                .spawn(move || checkpointer_loop(&shared, &ctl_rx))
+                .map_err(spawn_err)?
+        };
+        // Events past the last checkpoint (e.g. after a crash) get one soon.
+        let _ = ctl_tx.send(Ctl::Nudge);
+        Ok(AuditLog {
+            shared,
+            tx: RwLock::new(Some(tx)),
+            ctl: Mutex::new(Some(ctl_tx)),
+            threads: Mutex::new(vec![w, c]),
+        })
+    }
+
+    /// The log's origin (first line of its checkpoints, note key name).
+    pub fn origin(&self) -> &str {
+        &self.shared.origin
+    }
+
+    /// The audit public key (to verify checkpoints and export manifests).
+    pub fn public_key(&self) -> &AuditPublicKey {
+        &self.shared.public
+    }
+
+    /// The audit HMAC key.
+    pub fn hmac_key(&self) -> &AuditKey {
+        &self.shared.hmac
+    }
+
+    /// `hmac-sha256:<hex>` of a sensitive identifier (what the log stores in
+    /// its place; `keyseal audit hash VALUE`).
+    pub fn hash(&self, value: &[u8]) -> String {
+        self.shared.hmac.hash(value)
+    }
+
+    pub fn config(&self) -> &AuditConfig {
+        &self.shared.cfg
+    }
+
+    fn submit(&self, event: NewEvent, reply: Reply) -> Result<(), AuditError> {
+        event
+            .validate()
+            .map_err(|e| AuditError::InvalidEvent(e.to_string()))?;
+        let guard = self.tx.read();
+        let tx = guard.as_ref().ok_or(AuditError::Closed)?;
+        self.shared.counters.queued.fetch_add(1, Ordering::Relaxed);
+        tx.try_send(Request { event, reply }).map_err(|e| {
+            self.shared.counters.queued.fetch_sub(1, Ordering::Relaxed);
+            match e {
+                TrySendError::Full(_) => AuditError::QueueFull(self.shared.cfg.queue_capacity),
+                TrySendError::Disconnected(_) => AuditError::Closed,
+            }
+        })
+    }
+
+    /// Appends an event; resolves to its sequence number once it is durable
+    /// (flushed), or to an error when it is not within the deadline
+    /// ([`AuditError::is_unavailable`]: fail the request with UNAVAILABLE).
+    /// The event is queued when this is called, not when the future is first
+    /// polled. Needs a tokio runtime with time enabled to be awaited.
+    pub fn append(
+        &self,
+        event: NewEvent,
+    ) -> impl Future<Output = Result<u64, AuditError>> + Send + 'static {
+        let shared = self.shared.clone();
+        let deadline = tokio::time::Instant::now() + shared.cfg.deadline;
+        let (tx, rx) = oneshot::channel();
+        let submitted = self.submit(event, Reply::Async(tx));
+        async move {
+            let r = match submitted {
+                Err(e) => Err(e),
+                Ok(()) => match tokio::time::timeout_at(deadline, rx).await {
+                    Ok(Ok(r)) => r,
+                    Ok(Err(_)) => Err(AuditError::Closed),
+                    Err(_) => Err(AuditError::Deadline(shared.cfg.deadline)),
+                },
+            };
+            shared.finish(r)
+        }
+    }
+
+    /// [`AuditLog::append`] for synchronous callers: blocks the thread until
+    /// the event is durable or the deadline passes. Not for async code.
+    pub fn append_blocking(&self, event: NewEvent) -> Result<u64, AuditError> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        let deadline = self.shared.cfg.deadline;
+        let r = self.submit(event, Reply::Blocking(tx)).and_then(|()| {
+            match rx.recv_timeout(deadline) {
+                Ok(r) => r,
+                Err(RecvTimeoutError::Timeout) => Err(AuditError::Deadline(deadline)),
+                Err(RecvTimeoutError::Disconnected) => Err(AuditError::Closed),
+            }
+        });
+        self.shared.finish(r)
+    }
+
+    /// The durable tree head.
+    pub fn head(&self) -> TreeHead {
+        self.shared.head()
+    }
+
+    /// The durable tree size, updated after every group commit (for `tail -f`).
+    pub fn watch_size(&self) -> watch::Receiver<u64> {
+        self.shared.size_tx.subscribe()
+    }
+
+    /// The first sequence number still stored (1 unless pruned).
+    pub fn first_seq(&self) -> u64 {
+        self.shared.pruned.read().size + 1
+    }
+
+    pub fn stats(&self) -> AuditStats {
+        let c = &self.shared.counters;
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        AuditStats {
+            appended: l(&c.appended),
+            batches: l(&c.batches),
+            failures: l(&c.failures),
+            deadline_exceeded: l(&c.deadline_exceeded),
+            write_errors: l(&c.write_errors),
+            write_micros: l(&c.write_micros),
+            flush_micros: l(&c.flush_micros),
+            checkpoints: l(&c.checkpoints),
+            checkpoint_errors: l(&c.checkpoint_errors),
+            last_error: self.shared.last_error.lock().clone(),
+            queued: l(&c.queued),
+            tree_size: self.shared.head.lock().size,
+            last_checkpoint_size: self.shared.last_checkpoint_size.load(Ordering::Relaxed),
+            exported_size: self.shared.exported_size().unwrap_or(0),
+            pruned: self.shared.pruned.read().size,
+        }
+    }
+
+    /// Signs and stores a checkpoint of the current durable tree (`now`:
+    /// unix seconds, written in its `time` line).
+    pub fn checkpoint_now(&self, now: u64) -> Result<StoredCheckpoint, AuditError> {
+        self.shared.checkpoint(now)
+    }
+
+    /// The most recent stored checkpoint.
+    pub fn latest_checkpoint(&self) -> Result<Option<StoredCheckpoint>, AuditError> {
+        match self.shared.t.checkpoints.last()? {
+            Some((_, v)) => Ok(Some(self.shared.parse_stored(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Stored checkpoints with `from <= size <= to`, smallest first.
+    pub fn checkpoints(&self, from: u64, to: u64) -> Result<Vec<StoredCheckpoint>, AuditError> {
+        let mut out = Vec::new();
+        if from > to {
+            return Ok(out);
+        }
+        for kv in self
+            .shared
+            .t
+            .checkpoints
+            .range(from.to_be_bytes()..=to.to_be_bytes())
+        {
+            let (_, v) = kv?;
+            out.push(self.shared.parse_stored(&v)?);
+        }
+        Ok(out)
+    }
+
+    /// The event at `seq`, if stored.
+    pub fn event(&self, seq: u64) -> Result<Option<AuditEvent>, AuditError> {
+        match self.shared.t.events.get(seq.to_be_bytes())? {
+            Some(b) => {
+                Ok(Some(AuditEvent::decode(&b).map_err(|e| {
+                    AuditError::Corrupt(format!("event {seq}: {e}"))
+                })?))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Up to `limit` events from `from_seq` on, matching `filter`; also the
+    /// sequence number to continue from when the limit was reached. Starts
+    /// at the first event at or after `filter.since` when that is later.
+    pub fn query(
+        &self,
+        filter: &EventFilter,
+        from_seq: u64,
+        limit: usize,
+    ) -> Result<(Vec<AuditEvent>, Option<u64>), AuditError> {
+        let size = self.head().size;
+        let mut start = from_seq.max(self.first_seq());
+        if let Some(since) = filter.since {
+            start = start.max(self.shared.first_seq_at_or_after(since, size)?);
+        }
+        let mut out = Vec::new();
+        for kv in self.shared.t.events.range(start.to_be_bytes()..) {
+            let (k, v) = kv?;
+            let seq = u64::from_be_bytes(k.as_ref().try_into().unwrap_or([0; 8]));
+            if seq > size {
+                break;
+            }
+            if out.len() >= limit {
+                return Ok((out, Some(seq)));
+            }
+            let ev = AuditEvent::decode(&v)
+                .map_err(|e| AuditError::Corrupt(format!("event {seq}: {e}")))?;
+            if filter.until.is_some_and(|u| ev.time > u) {
+                break;
+            }
+            if filter.matches(&ev) {
+                out.push(ev);
+            }
+        }
+        Ok((out, None))
+    }
+
+    /// The root hash of the tree at an earlier (or the current) size.
+    pub fn root_at(&self, size: u64) -> Result<Hash, AuditError> {
+        self.shared.check_size(size)?;
+        self.shared.subtree(0, size)
+    }
+
+    /// The inclusion proof of event `seq` in the tree of size `size`.
+    pub fn inclusion_proof(&self, seq: u64, size: u64) -> Result<Vec<Hash>, AuditError> {
+        self.shared.check_size(size)?;
+        if seq == 0 {
+            return Err(AuditError::InvalidArgument(
+                "sequence numbers start at 1".into(),
+            ));
+        }
+        inclusion_proof(&mut |id| self.shared.node(id), seq - 1, size).map_err(merkle_err)
+    }
+
+    /// The consistency proof from tree size `old` to `new`.
+    pub fn consistency_proof(&self, old: u64, new: u64) -> Result<Vec<Hash>, AuditError> {
+        self.shared.check_size(new)?;
+        consistency_proof(&mut |id| self.shared.node(id), old, new).map_err(merkle_err)
+    }
+
+    /// Deletes events `1..seq` (exclusive), keeping the compact range of
+    /// the pruned prefix so every remaining event still verifies against
+    /// every checkpoint. Only up to an exported checkpoint: the events must
+    /// be in an auditor's hands before they go.
+    pub fn prune_before(&self, seq: u64) -> Result<PruneSummary, AuditError> {
+        let sh = &self.shared;
+        let _g = sh.prune_lock.lock();
+        let target = seq.saturating_sub(1);
+        let exported = sh.exported_size()?;
+        if target > exported {
+            return Err(AuditError::NotExported {
+                requested: seq,
+                exported,
+            });
+        }
+        let current = sh.pruned.read().size;
+        if target <= current {
+            return Ok(PruneSummary {
+                pruned: current,
+                events_removed: 0,
+                nodes_removed: 0,
+            });
+        }
+        let mut nodes = Vec::new();
+        for id in range_nodes(0, target) {
+            nodes.push((id, sh.subtree(id.start(), id.end())?));
+        }
+        let p = Pruned {
+            size: target,
+            nodes,
+        };
+        sh.t.meta.insert(META_PRUNED, encode(&p)?)?;
+        sh.db.flush()?;
+        let keep: std::collections::HashSet<NodeId> = p.nodes.iter().map(|(id, _)| *id).collect();
+        *sh.pruned.write() = p;
+
+        let mut events_removed = 0u64;
+        for tree in [&sh.t.events, &sh.t.leaves] {
+            let mut batch = sled::Batch::default();
+            let mut n = 0usize;
+            for kv in tree.range(..=target.to_be_bytes()) {
+                let (k, _) = kv?;
+                batch.remove(k);
+                n += 1;
+                if n % PRUNE_CHUNK == 0 {
+                    tree.apply_batch(std::mem::take(&mut batch))?;
+                }
+            }
+            tree.apply_batch(batch)?;
+            events_removed = events_removed.max(n as u64);
+        }
+        let mut nodes_removed = 0u64;
+        for level in 1..64u8 {
+            let end_index = target >> level;
+            if end_index == 0 {
+                break;
+            }
+            let mut batch = sled::Batch::default();
+            let lo = NodeId::new(level, 0).key();
+            let hi = NodeId::new(level, end_index).key();
+            for kv in sh.t.nodes.range(lo..hi) {
+                let (k, _) = kv?;
+                if let Some(id) = NodeId::from_key(&k) {
+                    if !keep.contains(&id) {
+                        batch.remove(k);
+                        nodes_removed += 1;
+                    }
+                }
+            }
+            sh.t.nodes.apply_batch(batch)?;
+        }
+        sh.db.flush()?;
+        Ok(PruneSummary {
+            pruned: target,
+            events_removed,
+            nodes_removed,
+        })
+    }
+
+    /// Injects a fault into the writer (tests and failure drills).
+    #[doc(hidden)]
+    pub fn set_fault(&self, fault: Fault) {
+        self.shared.fault.store(fault.to_u8(), Ordering::SeqCst);
+    }
+
+    /// Stops accepting events, writes the ones queued, stops the background
+    /// threads and signs a final checkpoint when events were added since the
+    /// last one (`now`: unix seconds). Appends afterwards fail with `Closed`.
+    pub fn close(&self, now: u64) -> Result<Option<StoredCheckpoint>, AuditError> {
+        self.stop_threads();
+        let size = self.shared.head.lock().size;
+        if size > self.shared.last_checkpoint_size.load(Ordering::SeqCst) {
+            return self.shared.checkpoint(now).map(Some);
+        }
+        Ok(None)
+    }
+
+    fn stop_threads(&self) {
+        self.shared.closing.store(true, Ordering::SeqCst);
+        drop(self.tx.write().take());
+        if let Some(c) = self.ctl.lock().take() {
+            let _ = c.send(Ctl::Stop);
+        }
+        for h in self.threads.lock().drain(..) {
+            let _ = h.join();
+        }
+    }
+
+    pub(crate) fn shared(&self) -> &Shared {
+        &self.shared
+    }
+}
+
+impl Drop for AuditLog {
+    fn drop(&mut self) {
+        self.stop_threads();
+    }
+}
+
+impl Shared {
+    fn finish(&self, r: Result<u64, AuditError>) -> Result<u64, AuditError> {
+        if let Err(e) = &r {
+            self.counters.failures.fetch_add(1, Ordering::Relaxed);
+            if matches!(e, AuditError::Deadline(_)) {
+                self.counters
+                    .deadline_exceeded
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            *self.last_error.lock() = Some(e.to_string());
+        }
+        r
+    }
+
+    fn record_error(&self, msg: String) {
+        tracing::error!(error = %msg, "audit log");
+        *self.last_error.lock() = Some(msg);
+    }
+
+    pub(crate) fn head(&self) -> TreeHead {
+        let h = self.head.lock();
+        let root = CompactRange::from_parts(h.size, h.compact.clone())
+            .map(|c| c.root())
+            .unwrap_or_else(|_| merkle::empty_root());
+        TreeHead { size: h.size, root }
+    }
+
+    fn check_size(&self, size: u64) -> Result<(), AuditError> {
+        let cur = self.head.lock().size;
+        if size > cur {
+            return Err(AuditError::InvalidArgument(format!(
+                "tree size {size} is larger than the log ({cur} events)"
+            )));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn pruned_size(&self) -> u64 {
+        self.pruned.read().size
+    }
+
+    /// A stored subtree hash, or `None` when it must be computed.
+    pub(crate) fn node(&self, id: NodeId) -> Result<Option<Hash>, MerkleError> {
+        {
+            let p = self.pruned.read();
+            if id.end() <= p.size {
+                if let Some((_, h)) = p.nodes.iter().find(|(n, _)| *n == id) {
+                    return Ok(Some(*h));
+                }
+            }
+        }
+        let got = if id.level == 0 {
+            self.t.leaves.get((id.index + 1).to_be_bytes())
+        } else {
+            self.t.nodes.get(id.key())
+        }
+        .map_err(|e| MerkleError::Storage(e.to_string()))?;
+        match got {
+            Some(v) => Ok(Some(v.as_ref().try_into().map_err(|_| {
+                MerkleError::Storage(format!("stored hash of {id:?} is not 32 bytes"))
+            })?)),
+            None => Ok(None),
+        }
+    }
+
+    pub(crate) fn subtree(&self, lo: u64, hi: u64) -> Result<Hash, AuditError> {
+        subtree_hash(&mut |id| self.node(id), lo, hi).map_err(merkle_err)
+    }
+
+    pub(crate) fn leaf(&self, seq: u64) -> Result<Option<Hash>, AuditError> {
+        match self.t.leaves.get(seq.to_be_bytes())? {
+            Some(v) => Ok(Some(hash_from(&v, "leaf")?)),
+            None => Ok(None),
+        }
+    }
+
+    pub(crate) fn exported_size(&self) -> Result<u64, AuditError> {
+        Ok(match self.t.meta.get(META_EXPORTED)? {
+            Some(v) => u64::from_be_bytes(
+                v.as_ref()
+                    .try_into()
+                    .map_err(|_| AuditError::Corrupt("exported size is not 8 bytes".into()))?,
+            ),
+            None => 0,
+        })
+    }
+
+    /// Records that a checkpoint of `size` was exported (kept: the largest).
+    pub(crate) fn mark_exported(&self, size: u64) -> Result<(), AuditError> {
+        let cur = self.exported_size()?;
+        if size > cur {
+            self.t.meta.insert(META_EXPORTED, &size.to_be_bytes())?;
+            self.db.flush()?;
+        }
+        Ok(())
+    }
+
+    fn parse_stored(&self, note: &[u8]) -> Result<StoredCheckpoint, AuditError> {
+        let note = String::from_utf8(note.to_vec())
+            .map_err(|_| AuditError::Corrupt("stored checkpoint is not UTF-8".into()))?;
+        let checkpoint = self
+            .public
+            .verify_checkpoint(&note, Some(&self.origin))
+            .map_err(|e| AuditError::Corrupt(format!("stored checkpoint: {e}")))?;
+        Ok(StoredCheckpoint { checkpoint, note })
+    }
+
+    /// Signs `msg` with the audit key (ECDSA P-256, SHA-256, DER) and checks
+    /// the signature before handing it out.
+    pub(crate) fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, AuditError> {
+        let sig = self.root.sign(&self.key_ref, msg)?;
+        if !self.public.verify(msg, &sig) {
+            return Err(AuditError::Corrupt(
+                "the root device returned an audit signature that does not verify".into(),
+            ));
+        }
+        Ok(sig)
+    }
+
+    /// Signs, stores and flushes a checkpoint of the durable tree.
+    pub(crate) fn checkpoint(&self, now: u64) -> Result<StoredCheckpoint, AuditError> {
+        let _g = self.checkpoint_lock.lock();
+        let r = (|| {
+            let head = self.head();
+            let checkpoint = Checkpoint {
+                origin: self.origin.clone(),
+                size: head.size,
+                root: head.root,
+                time: Some(now),
+            };
+            let body = checkpoint.body();
+            let sig = self.sign(body.as_bytes())?;
+            let note = format!(
+                "{body}\n{}",
+                signature_line(&self.origin, self.public.key_id(), &sig)
+            );
+            self.t
+                .checkpoints
+                .insert(head.size.to_be_bytes(), note.as_bytes())?;
+            self.db.flush()?;
+            self.last_checkpoint_size
+                .fetch_max(head.size, Ordering::SeqCst);
+            self.counters.checkpoints.fetch_add(1, Ordering::Relaxed);
+            Ok(StoredCheckpoint { checkpoint, note })
+        })();
+        if let Err(e) = &r {
+            self.counters
+                .checkpoint_errors
+                .fetch_add(1, Ordering::Relaxed);
+            self.record_error(format!("checkpoint: {e}"));
+        }
+        r
+    }
+
+    pub(crate) fn event_bytes(&self, seq: u64) -> Result<Option<sled::IVec>, AuditError> {
+        Ok(self.t.events.get(seq.to_be_bytes())?)
+    }
+
+    fn event_time(&self, seq: u64) -> Result<u64, AuditError> {
+        let b = self
+            .event_bytes(seq)?
+            .ok_or_else(|| AuditError::Corrupt(format!("event {seq} is missing")))?;
+        Ok(AuditEvent::decode(&b)
+            .map_err(|e| AuditError::Corrupt(format!("event {seq}: {e}")))?
+            .time)
+    }
+
+    /// The first stored seq with `time >= t` (size + 1 when none), by binary
+    /// search: times never decrease along the log.
+    pub(crate) fn first_seq_at_or_after(&self, t: u64, size: u64) -> Result<u64, AuditError> {
+        let (mut lo, mut hi) = (self.pruned_size() + 1, size + 1);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if self.event_time(mid)? >= t {
+                hi = mid;
+            } else {
+                lo = mid + 1;
+            }
+        }
+        Ok(lo)
+    }
+
+    /// The sequence numbers a range covers within `[first stored, size]`,
+    /// `None` when it covers nothing.
+    pub(crate) fn resolve(
+        &self,
+        range: &EventRange,
+        size: u64,
+    ) -> Result<Option<(u64, u64)>, AuditError> {
+        let first = self.pruned_size() + 1;
+        let (a, b) = match *range {
+            EventRange::All => (first, size),
+            EventRange::Seqs { first: a, last: b } => {
+                if a == 0 || a > b {
+                    return Err(AuditError::InvalidArgument(format!(
+                        "invalid sequence range {a}..={b}"
+                    )));
+                }
+                if a < first {
+                    return Err(AuditError::Pruned(first));
+                }
+                (a, b.min(size))
+            }
+            EventRange::Time { since, until } => {
+                let a = match since {
+                    Some(t) => self.first_seq_at_or_after(t, size)?,
+                    None => first,
+                };
+                let b = match until {
+                    Some(t) => match t.checked_add(1) {
+                        Some(t1) => self.first_seq_at_or_after(t1, size)? - 1,
+                        None => size,
+                    },
+                    None => size,
+                };
+                (a, b)
+            }
+        };
+        Ok((a <= b && b >= 1).then_some((a, b)))
+    }
+}
+
+fn last_seq(tree: &sled::Tree) -> Result<u64, AuditError> {
+    match tree.last()? {
+        Some((k, _)) => {
+            Ok(u64::from_be_bytes(k.as_ref().try_into().map_err(|_| {
+                AuditError::Corrupt("an audit key is not 8 bytes".into())
+            })?))
+        }
+        None => Ok(0),
+    }
+}
+
+/// At open: removes what a batch that never completed left beyond the
+/// recorded tree size (never acknowledged, never checkpointed), and checks
+/// that the recorded events are there.
+fn recover(t: &Trees, db: &sled::Db, size: u64, pruned: u64) -> Result<(), AuditError> {
+    let mut removed = 0usize;
+    for tree in [&t.events, &t.leaves] {
+        let mut batch = sled::Batch::default();
+        for kv in tree.range((size + 1).to_be_bytes()..) {
+            batch.remove(kv?.0);
+            removed += 1;
+        }
+        tree.apply_batch(batch)?;
+    }
+    for level in 1..64u8 {
+        let mut batch = sled::Batch::default();
+        let from = NodeId::new(level, size >> level).key();
+        let to = NodeId::new(level + 1, 0).key();
+        for kv in t.nodes.range(from..to) {
+            batch.remove(kv?.0);
+            removed += 1;
+        }
+        t.nodes.apply_batch(batch)?;
+    }
+    if removed > 0 {
+        tracing::warn!(
+            removed,
+            size,
+            "audit log: removed the unacknowledged remains of an interrupted write"
+        );
+        db.flush()?;
+    }
+    if size > pruned && (last_seq(&t.events)? != size || last_seq(&t.leaves)? != size) {
+        return Err(AuditError::Corrupt(format!(
+            "the tree state records {size} events but the last stored event or leaf is not seq {size}"
+        )));
+    }
+    Ok(())
+}
+
+/// The group-commit writer: one batch at a time, one flush per batch.
+fn writer_loop(sh: &Shared, mut tree: TreeMeta, rx: &Receiver<Request>, nudge: &mpsc::Sender<Ctl>) {
+    let max_batch = sh.cfg.max_batch.max(1);
+    // Whether `tree` holds written but not yet flushed events.
+    let mut unflushed = false;
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < max_batch {
+            match rx.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        sh.counters
+            .queued
+            .fetch_sub(batch.len() as u64, Ordering::Relaxed);
+        commit(sh, &mut tree, &mut unflushed, batch);
+        let last = sh.last_checkpoint_size.load(Ordering::SeqCst);
+        if !unflushed && tree.size >= last + sh.cfg.checkpoint_every_events.max(1) {
+            let _ = nudge.send(Ctl::Nudge);
+        }
+    }
+}
+
+fn commit(sh: &Shared, tree: &mut TreeMeta, unflushed: &mut bool, batch: Vec<Request>) {
+    // Injected faults.
+    loop {
+        match Fault::from_u8(sh.fault.load(Ordering::SeqCst)) {
+            Fault::StallWrites if !sh.closing.load(Ordering::SeqCst) => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Fault::FailWrites => {
+                fail_batch(sh, batch, "injected write failure");
+                return;
+            }
+            _ => break,
+        }
+    }
+    let mut cr = match CompactRange::from_parts(tree.size, tree.compact.clone()) {
+        Ok(c) => c,
+        Err(e) => {
+            fail_batch(sh, batch, &e.to_string());
+            return;
+        }
+    };
+    let mut last_time = tree.last_time;
+    let mut rows: Vec<(u64, Vec<u8>, Hash)> = Vec::with_capacity(batch.len());
+    let mut nodes: Vec<(NodeId, Hash)> = Vec::new();
+    let mut replies: Vec<(Reply, u64)> = Vec::with_capacity(batch.len());
+    for req in batch {
+        let seq = cr.size() + 1;
+        let mut ev = req.event;
+        ev.time = ev.time.max(last_time);
+        let bytes = match ev.clone().into_event(seq).encode() {
+            Ok(b) => b,
+            Err(e) => {
+                req.reply.send(Err(AuditError::InvalidEvent(e.to_string())));
+                continue;
+            }
+        };
+        last_time = ev.time;
+        let leaf = leaf_hash(&bytes);
+        cr.append(leaf, |id, h| nodes.push((id, *h)));
+        rows.push((seq, bytes, leaf));
+        replies.push((req.reply, seq));
+    }
+    if rows.is_empty() {
+        return;
+    }
+    let new_tree = TreeMeta {
+        size: cr.size(),
+        compact: cr.nodes().into_iter().map(|(_, h)| h).collect(),
+        last_time,
+    };
+    let tree_bytes = match encode(&new_tree) {
+        Ok(b) => b,
+        Err(e) => {
+            fail_replies(sh, replies, &e.to_string());
+            return;
+        }
+    };
+    // One atomic batch per tree, in this order; the tree state last. A
+    // crash or error part-way leaves only keys beyond the recorded size,
+    // which nothing reads, later batches overwrite, and open truncates.
+    let started = Instant::now();
+    let written = (|| -> Result<(), sled::Error> {
+        let (mut eb, mut lb, mut nb) = (
+            sled::Batch::default(),
+            sled::Batch::default(),
+            sled::Batch::default(),
+        );
+        for (seq, bytes, leaf) in &rows {
+            eb.insert(&seq.to_be_bytes(), bytes.as_slice());
+            lb.insert(&seq.to_be_bytes(), leaf);
+        }
+        for (id, h) in &nodes {
+            nb.insert(&id.key(), h);
+        }
+        sh.t.events.apply_batch(eb)?;
+        sh.t.leaves.apply_batch(lb)?;
+        sh.t.nodes.apply_batch(nb)?;
+        sh.t.meta.insert(META_TREE, tree_bytes.as_slice())?;
+        Ok(())
+    })();
+    if let Err(e) = written {
+        fail_replies(sh, replies, &crate::store::StoreError::from(e).to_string());
+        return;
+    }
+    let wrote = Instant::now();
+    sh.counters
+        .write_micros
+        .fetch_add(micros(wrote - started), Ordering::Relaxed);
+    *tree = new_tree;
+    *unflushed = true;
+    let flushed = sh.db.flush();
+    sh.counters
+        .flush_micros
+        .fetch_add(micros(wrote.elapsed()), Ordering::Relaxed);
+    if let Err(e) = flushed {
+        let msg = crate::store::StoreError::from(e).to_string();
+        fail_replies(sh, replies, &msg);
+        return;
+    }
+    *unflushed = false;
+    *sh.head.lock() = tree.clone();
+    sh.size_tx.send_replace(tree.size);
+    sh.counters
+        .appended
+        .fetch_add(rows.len() as u64, Ordering::Relaxed);
+    sh.counters.batches.fetch_add(1, Ordering::Relaxed);
+    for (reply, seq) in replies {
+        reply.send(Ok(seq));
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+fn fail_batch(sh: &Shared, batch: Vec<Request>, msg: &str) {
+    fail_replies(sh, batch.into_iter().map(|r| (r.reply, 0)).collect(), msg);
+}
+
+fn fail_replies(sh: &Shared, replies: Vec<(Reply, u64)>, msg: &str) {
+    sh.counters.write_errors.fetch_add(1, Ordering::Relaxed);
+    sh.record_error(format!("audit write: {msg}"));
+    for (reply, _) in replies {
+        reply.send(Err(AuditError::Write(msg.to_owned())));
+    }
+}
+
+/// Signs a checkpoint every `checkpoint_interval` when events were added,
+/// and when the writer reports `checkpoint_every_events` new events.
+fn checkpointer_loop(sh: &Shared, rx: &Receiver<Ctl>) {
+    loop {
+        match rx.recv_timeout(sh.cfg.checkpoint_interval) {
+            Ok(Ctl::Stop) | Err(RecvTimeoutError::Disconnected) => return,
+            Ok(Ctl::Nudge) | Err(RecvTimeoutError::Timeout) => {}
+        }
+        if sh.closing.load(Ordering::SeqCst) {
+            return;
+        }
+        let size = sh.head.lock().size;
+        if size > sh.last_checkpoint_size.load(Ordering::SeqCst) {
+            // Errors are counted and recorded by `checkpoint`.
+            let _ = sh.checkpoint(now_secs());
+        }
+    }
+}

@@ -1,0 +1,135 @@
+//! `[proxy]` of the daemon config: listeners, egress allow-list, limits.
+//!
+//! ```toml
+//! [proxy]
+//! gateway_listen = "127.0.0.1:8480"     # loopback only; callers present a proxy key
+//! gateway_socket = "/run/keyseal/proxy.sock"   # callers known by the kernel
+//! gateway_socket_mode = "0660"
+//! forward_listen = "127.0.0.1:8481"     # HTTP_PROXY / HTTPS_PROXY (CONNECT)
+//! egress_allow = ["api.vendor.example", "*.vendor.example:443"]
+//! egress_allow_addresses = []           # internal CIDRs allowed despite the SSRF guard
+//! max_request_bytes = 10485760
+//! max_response_bytes = 104857600
+//! header_timeout_secs = 10              # client must send its headers within this
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::ssrf::Egress;
+
+/// `[proxy]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProxyConfig {
+    gateway_listen: Option<String>,
+    gateway_socket: Option<PathBuf>,
+    gateway_socket_mode: Option<String>,
+    forward_listen: Option<String>,
+    #[serde(default)]
+    egress_allow: Vec<String>,
+    #[serde(default)]
+    egress_allow_addresses: Vec<String>,
+    max_request_bytes: Option<u64>,
+    max_response_bytes: Option<u64>,
+    header_timeout_secs: Option<u64>,
+}
+
+/// The resolved `[proxy]` section.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    pub gateway_listen: Option<SocketAddr>,
+    pub gateway_socket: Option<PathBuf>,
+    pub gateway_socket_mode: u32,
+    pub forward_listen: Option<SocketAddr>,
+    pub egress: Egress,
+    pub max_request_bytes: u64,
+    pub max_response_bytes: u64,
+    pub header_timeout: Duration,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            gateway_listen: None,
+            gateway_socket: None,
+            gateway_socket_mode: 0o660,
+            forward_listen: None,
+            egress: Egress::default(),
+            max_request_bytes: 10 * 1024 * 1024,
+            max_response_bytes: 100 * 1024 * 1024,
+            header_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+fn loopback(key: &str, v: &str) -> Result<SocketAddr, String> {
+    let a: SocketAddr = v
+        .parse()
+        .map_err(|_| format!("proxy.{key} = {v:?} is not an address like \"127.0.0.1:8480\""))?;
+    if !a.ip().is_loopback() {
+        return Err(format!(
+            "proxy.{key} = {v:?}: listen on a loopback address (127.0.0.1 or [::1]) only"
+        ));
+    }
+    Ok(a)
+}
+
+impl ProxyConfig {
+    /// Resolves the raw section; relative paths are against `base`.
+    pub fn from_raw(raw: RawProxyConfig, base: &Path) -> Result<ProxyConfig, String> {
+        let mut c = ProxyConfig::default();
+        if let Some(v) = raw.gateway_listen {
+            c.gateway_listen = Some(loopback("gateway_listen", &v)?);
+        }
+        if let Some(v) = raw.forward_listen {
+            c.forward_listen = Some(loopback("forward_listen", &v)?);
+        }
+        c.gateway_socket = raw
+            .gateway_socket
+            .map(|p| if p.is_absolute() { p } else { base.join(p) });
+        if let Some(m) = raw.gateway_socket_mode {
+            let v = u32::from_str_radix(m.trim_start_matches("0o"), 8)
+                .ok()
+                .filter(|v| *v <= 0o777)
+                .ok_or_else(|| format!("proxy.gateway_socket_mode = {m:?} is not an octal mode"))?;
+            c.gateway_socket_mode = v;
+        }
+        for h in &raw.egress_allow {
+            if h.is_empty() || h.contains(['/', '@', ' ']) {
+                return Err(format!(
+                    "proxy.egress_allow: {h:?} is not a host pattern (api.example.com, *.example.com, host:port, *)"
+                ));
+            }
+        }
+        c.egress.allow = raw.egress_allow;
+        for a in &raw.egress_allow_addresses {
+            c.egress.allow_addresses.push(
+                a.parse()
+                    .map_err(|e| format!("proxy.egress_allow_addresses: {e}"))?,
+            );
+        }
+        if let Some(n) = raw.max_request_bytes {
+            if n == 0 {
+                return Err("proxy.max_request_bytes must be at least 1".into());
+            }
+            c.max_request_bytes = n;
+        }
+        if let Some(n) = raw.max_response_bytes {
+            if n == 0 {
+                return Err("proxy.max_response_bytes must be at least 1".into());
+            }
+            c.max_response_bytes = n;
+        }
+        if let Some(n) = raw.header_timeout_secs {
+            if n == 0 || n > 3600 {
+                return Err("proxy.header_timeout_secs must be 1..=3600".into());
+            }
+            c.header_timeout = Duration::from_secs(n);
+        }
+        Ok(c)
+    }
+}

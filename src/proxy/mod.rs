@@ -1,0 +1,24 @@
+//! The credential-injecting proxy: services call vendor APIs through
+//! keyseal, which injects the vendor credential on the way out, so the
+//! service never holds it.
+//!
+//! - [`model`]: targets, target credentials (egress-only), proxies, rules,
+//!   and the pure rule evaluation with its explanation.
+//! - [`store`]: sled persistence, the per-request snapshot cache, the
+//!   request log.
+//! - [`server`]: the hyper listeners (gateway on loopback TCP and a Unix
+//!   socket, forward proxy with CONNECT), as pingora-style phases.
+//! - [`ssrf`]: egress allow-list and internal-address guards for tunnels.
+//! - [`upstream`]: pooled TLS clients per target.
+//! - [`config`]: the `[proxy]` config section.
+
+pub mod config;
+pub mod model;
+pub mod server;
+pub mod ssrf;
+pub mod store;
+pub mod upstream;
+
+pub use config::{ProxyConfig, RawProxyConfig};
+pub use model::ProxyError;
+pub use store::ProxyStore;

@@ -1,0 +1,1208 @@
+//! The proxy listeners (hyper 1.x, HTTP/1.1): the gateway
+//! (`/p/<proxy>/<path>` on loopback TCP and on a Unix socket) and the
+//! forward proxy (absolute-form requests for `HTTP_PROXY` users, CONNECT
+//! tunnels to allow-listed hosts).
+//!
+//! A request goes through phases, each a small function (pingora's
+//! `ProxyHttp` shape): `authenticate` (proxy key or kernel identity) →
+//! `authorize` (the proxy's callers) → `rate_limit` (the key's plan and the
+//! proxy's plan) → `rules` ([`evaluate`]) → `upstream_request` (strip client
+//! credentials and hop-by-hop headers, inject the target credential) →
+//! send (pooled client, timeouts) → `response_filter` (hop-by-hop,
+//! `keyseal-decision`, `X-RateLimit-*`) → log (when the response body ends).
+//!
+//! Nothing here caches key validity: every request verifies its key, so a
+//! revocation applies to the next request. Each request takes the proxy's
+//! snapshot once, so repointing a proxy at a new credential never affects
+//! requests in flight.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::os::fd::AsFd;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream, UnixListener};
+
+use super::config::ProxyConfig;
+use super::model::{evaluate, is_hop_by_hop, Effect, Injection, RequestFacts};
+use super::store::{LogEntry, ProxyStore, Snapshot};
+use super::upstream::Clients;
+use crate::api::DaemonState;
+use crate::apikeys::{VerifyCaller, VerifyRequest};
+use crate::identity::{Identifier, PeerIdentity};
+use crate::policy::Capability;
+use crate::ratelimit::{Limiter, RateDecision, RatePlan};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Bodies of answers.
+pub type RespBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
+
+/// Name of the response header telling which rule allowed a call.
+pub const DECISION_HEADER: &str = "keyseal-decision";
+
+/// Which listener a request came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Gateway,
+    Forward,
+}
+
+/// Who is at the other end of the connection.
+#[derive(Debug, Clone)]
+pub enum Peer {
+    Unix(Arc<PeerIdentity>),
+    Tcp(SocketAddr),
+}
+
+/// An authenticated caller.
+#[derive(Debug, Clone)]
+enum Who {
+    Key {
+        id: String,
+        owner: String,
+        rate: Option<RateDecision>,
+    },
+    Kernel(Arc<PeerIdentity>),
+}
+
+impl Who {
+    fn label(&self) -> String {
+        match self {
+            Who::Key { id, .. } => format!("key:{id}"),
+            Who::Kernel(p) => p.display_short(),
+        }
+    }
+
+    fn rate_key(&self) -> String {
+        match self {
+            Who::Key { id, .. } => format!("key:{id}"),
+            Who::Kernel(p) => format!("uid:{}", p.uid),
+        }
+    }
+}
+
+/// The shared state of the listeners.
+pub struct Gateway {
+    state: Arc<DaemonState>,
+    store: Arc<ProxyStore>,
+    cfg: ProxyConfig,
+    clients: Clients,
+    limiter: Limiter<(String, String)>,
+    plans: BTreeMap<String, RatePlan>,
+    identifier: Arc<Identifier>,
+}
+
+fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+fn full(b: impl Into<Bytes>) -> RespBody {
+    Full::new(b.into())
+        .map_err(|never: Infallible| match never {})
+        .boxed()
+}
+
+/// A JSON answer.
+fn json(status: StatusCode, v: serde_json::Value) -> Response<RespBody> {
+    let mut r = Response::new(full(v.to_string()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn error(status: StatusCode, msg: &str) -> Response<RespBody> {
+    json(status, serde_json::json!({ "error": msg }))
+}
+
+/// A refusal before the upstream: the answer and the log decision.
+struct Refusal {
+    resp: Box<Response<RespBody>>,
+    decision: &'static str,
+    rule: Option<String>,
+}
+
+impl Refusal {
+    fn new(status: StatusCode, msg: &str, decision: &'static str) -> Refusal {
+        Refusal {
+            resp: Box::new(error(status, msg)),
+            decision,
+            rule: None,
+        }
+    }
+}
+
+fn set_rate_headers(h: &mut HeaderMap, d: &RateDecision) {
+    let put = |h: &mut HeaderMap, k: &'static str, v: u64| {
+        h.insert(HeaderName::from_static(k), HeaderValue::from(v));
+    };
+    put(h, "x-ratelimit-limit", d.limit);
+    put(h, "x-ratelimit-remaining", d.remaining);
+    put(h, "x-ratelimit-reset", d.reset_secs());
+    if !d.allowed {
+        put(h, "retry-after", d.retry_after_secs());
+    }
+}
+
+fn rate_limited(d: &RateDecision) -> Refusal {
+    let reset_time = now_us() / 1_000_000 + d.reset_secs();
+    let mut resp = json(
+        StatusCode::TOO_MANY_REQUESTS,
+        serde_json::json!({
+            "error": "rate limit exceeded",
+            "limit": d.limit,
+            "current_usage": d.limit.saturating_sub(d.remaining),
+            "reset_time": reset_time,
+            "retry_after": d.retry_after_secs(),
+        }),
+    );
+    set_rate_headers(resp.headers_mut(), d);
+    Refusal {
+        resp: Box::new(resp),
+        decision: "rate_limited",
+        rule: None,
+    }
+}
+
+/// Refuses paths that could mean something else upstream after
+/// normalisation (`..`, `.`, empty segments, encoded `/`, `\` or `.`),
+/// so a rule's regex sees exactly what the upstream serves.
+fn path_is_clean(path: &str) -> bool {
+    if !path.starts_with('/') {
+        return false;
+    }
+    let lower = path.to_ascii_lowercase();
+    if lower.contains("%2f")
+        || lower.contains("%5c")
+        || lower.contains("%2e")
+        || path.contains('\\')
+    {
+        return false;
+    }
+    let segs: Vec<&str> = path[1..].split('/').collect();
+    let last = segs.len() - 1;
+    segs.iter()
+        .enumerate()
+        .all(|(i, s)| *s != "." && *s != ".." && (!s.is_empty() || i == last))
+}
+
+/// A body that counts bytes, refuses more than `limit`, and runs `on_end`
+/// with the count when dropped (finished or abandoned).
+struct Metered<B> {
+    inner: B,
+    count: Arc<AtomicU64>,
+    limit: u64,
+    on_end: Option<Box<dyn FnOnce(u64) + Send + Sync>>,
+}
+
+impl<B> Drop for Metered<B> {
+    fn drop(&mut self) {
+        if let Some(f) = self.on_end.take() {
+            f(self.count.load(Ordering::Relaxed));
+        }
+    }
+}
+
+impl<B> Body for Metered<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    let n =
+                        self.count.fetch_add(d.len() as u64, Ordering::Relaxed) + d.len() as u64;
+                    if n > self.limit {
+                        return Poll::Ready(Some(Err("body exceeds the size limit".into())));
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// What the request phases learned, for the log.
+struct Ctx {
+    start: Instant,
+    time_us: u64,
+    proxy: String,
+    caller: String,
+    method: String,
+    path: String,
+}
+
+impl Gateway {
+    /// Builds the listeners' state. Rate plans are the config's
+    /// `[rate_plans.NAME]` (shared with API keys).
+    pub fn new(state: Arc<DaemonState>, store: Arc<ProxyStore>, cfg: ProxyConfig) -> Gateway {
+        let plans = state.apikeys.config().plans.clone();
+        Gateway {
+            state,
+            store,
+            cfg,
+            clients: Clients::default(),
+            limiter: Limiter::new(100_000),
+            plans,
+            identifier: Arc::new(Identifier::new()),
+        }
+    }
+
+    fn log(&self, ctx: &Ctx, status: u16, decision: &str, rule: Option<String>, bytes: (u64, u64)) {
+        let e = LogEntry {
+            time_us: ctx.time_us,
+            proxy: ctx.proxy.clone(),
+            caller: ctx.caller.clone(),
+            method: ctx.method.clone(),
+            path: ctx.path.clone(),
+            status,
+            latency_us: ctx.start.elapsed().as_micros() as u64,
+            bytes_in: bytes.0,
+            bytes_out: bytes.1,
+            decision: decision.to_owned(),
+            rule,
+        };
+        tracing::info!(
+            proxy = %e.proxy, caller = %e.caller, method = %e.method, path = %e.path,
+            status, decision = %e.decision, rule = e.rule.as_deref().unwrap_or("-"),
+            latency_us = e.latency_us, "proxied request"
+        );
+        self.store.log(&e);
+    }
+
+    // ---- phases -----------------------------------------------------------
+
+    /// The proxy key presented, if any: `Authorization: Bearer` on the
+    /// gateway; `Proxy-Authorization` (Basic with the key as password, or
+    /// Bearer) on the forward proxy.
+    fn presented_key(headers: &HeaderMap, mode: Mode) -> Option<String> {
+        let h = match mode {
+            Mode::Gateway => headers.get(http::header::AUTHORIZATION),
+            Mode::Forward => headers.get(http::header::PROXY_AUTHORIZATION),
+        }?;
+        let v = h.to_str().ok()?.trim();
+        let (scheme, rest) = v.split_once(' ')?;
+        if scheme.eq_ignore_ascii_case("bearer") {
+            return Some(rest.trim().to_owned());
+        }
+        if mode == Mode::Forward && scheme.eq_ignore_ascii_case("basic") {
+            let raw = base64::engine::general_purpose::STANDARD
+                .decode(rest.trim())
+                .ok()?;
+            let s = String::from_utf8(raw).ok()?;
+            return s.split_once(':').map(|(_, p)| p.to_owned());
+        }
+        Some(String::new())
+    }
+
+    fn unauthenticated(mode: Mode, msg: &str) -> Refusal {
+        match mode {
+            Mode::Gateway => {
+                let mut r = Refusal::new(StatusCode::UNAUTHORIZED, msg, "unauthenticated");
+                r.resp.headers_mut().insert(
+                    http::header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"keyseal\""),
+                );
+                r
+            }
+            Mode::Forward => {
+                let mut r = Refusal::new(
+                    StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+                    msg,
+                    "unauthenticated",
+                );
+                r.resp.headers_mut().insert(
+                    http::header::PROXY_AUTHENTICATE,
+                    HeaderValue::from_static("Basic realm=\"keyseal\""),
+                );
+                r
+            }
+        }
+    }
+
+    /// Phase 1: who is calling. A presented key is verified now (no
+    /// caching), else the kernel identity of a Unix-socket peer is used.
+    fn authenticate(&self, headers: &HeaderMap, peer: &Peer, mode: Mode) -> Result<Who, Refusal> {
+        let key = Self::presented_key(headers, mode);
+        let Some(key) = key else {
+            return match peer {
+                Peer::Unix(id) => Ok(Who::Kernel(id.clone())),
+                Peer::Tcp(_) => Err(Self::unauthenticated(mode, "missing proxy key")),
+            };
+        };
+        let (caller, source) = match peer {
+            Peer::Unix(id) => (
+                VerifyCaller {
+                    uid: id.uid,
+                    unit: id.unit.clone(),
+                    actor: id.actor(),
+                },
+                None,
+            ),
+            Peer::Tcp(a) => (
+                VerifyCaller {
+                    uid: u32::MAX,
+                    unit: None,
+                    actor: format!("tcp:{a}"),
+                },
+                Some(a.ip()),
+            ),
+        };
+        let now = crate::apikeys::now();
+        let verdict = self.state.apikeys.verify(
+            &caller,
+            VerifyRequest {
+                key: &key,
+                source,
+                required_scopes: &[],
+                dry_run: false,
+            },
+            now,
+            &|_| true,
+        );
+        match verdict {
+            Ok(crate::apikeys::Verdict::Valid(v)) => Ok(Who::Key {
+                id: v.id,
+                owner: v.owner,
+                rate: v.rate,
+            }),
+            Ok(crate::apikeys::Verdict::Invalid { .. }) => Err(Self::unauthenticated(
+                mode,
+                "invalid, expired or revoked proxy key",
+            )),
+            Err(crate::apikeys::ApiKeyError::Throttled { retry_after_secs }) => {
+                let mut r = Refusal::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too many failed key checks; retry later",
+                    "unauthenticated",
+                );
+                r.resp.headers_mut().insert(
+                    http::header::RETRY_AFTER,
+                    HeaderValue::from(retry_after_secs),
+                );
+                Err(r)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "proxy key verification failed");
+                Err(Refusal::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "cannot verify the proxy key now",
+                    "error",
+                ))
+            }
+        }
+    }
+
+    /// Phase 2: may this caller use this proxy.
+    fn allowed_on(&self, who: &Who, snap: &Snapshot) -> bool {
+        let p = &snap.proxy;
+        match who {
+            Who::Key { id, owner, .. } => p.key_ids.contains(id) || p.key_owners.contains(owner),
+            Who::Kernel(id) => {
+                p.callers.iter().any(|s| s.matches(id))
+                    || self
+                        .state
+                        .policy
+                        .current()
+                        .check(id, Capability::ProxyUse, &p.name)
+                        .allowed
+            }
+        }
+    }
+
+    /// Phase 3: the key's own plan, then the proxy's plan for this caller.
+    /// Returns the tightest admitted decision, for the response headers.
+    fn rate_limit(&self, who: &Who, snap: &Snapshot) -> Result<Option<RateDecision>, Refusal> {
+        let mut tightest: Option<RateDecision> = None;
+        if let Who::Key { rate: Some(d), .. } = who {
+            if !d.allowed {
+                return Err(rate_limited(d));
+            }
+            tightest = Some(*d);
+        }
+        if let Some(name) = &snap.proxy.rate_plan {
+            let Some(plan) = self.plans.get(name) else {
+                tracing::error!(proxy = %snap.proxy.name, plan = %name, "proxy's rate plan is not configured; refusing");
+                return Err(Refusal::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the proxy's rate plan is not configured",
+                    "error",
+                ));
+            };
+            let key = (snap.proxy.name.clone(), who.rate_key());
+            if let Some(d) = self.limiter.check(key, plan, crate::apikeys::now()) {
+                if !d.allowed {
+                    return Err(rate_limited(&d));
+                }
+                if tightest.map_or(true, |t| d.remaining < t.remaining) {
+                    tightest = Some(d);
+                }
+            }
+        }
+        Ok(tightest)
+    }
+
+    // ---- entry points -----------------------------------------------------
+
+    async fn handle(&self, req: Request<Incoming>, peer: Peer, mode: Mode) -> Response<RespBody> {
+        let mut ctx = Ctx {
+            start: Instant::now(),
+            time_us: now_us(),
+            proxy: "-".into(),
+            caller: "-".into(),
+            method: req.method().as_str().to_owned(),
+            path: req.uri().path().to_owned(),
+        };
+        if req.method() == Method::CONNECT {
+            if mode != Mode::Forward {
+                return error(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "CONNECT is served on the forward proxy listener",
+                );
+            }
+            return self.connect(req, peer, ctx).await;
+        }
+        let res = match mode {
+            Mode::Forward => self.forward(req, &peer, &mut ctx).await,
+            Mode::Gateway => self.gateway(req, &peer, &mut ctx).await,
+        };
+        match res {
+            Ok(r) => r,
+            Err(refusal) => {
+                self.log(
+                    &ctx,
+                    refusal.resp.status().as_u16(),
+                    refusal.decision,
+                    refusal.rule,
+                    (0, 0),
+                );
+                *refusal.resp
+            }
+        }
+    }
+
+    async fn gateway(
+        &self,
+        req: Request<Incoming>,
+        peer: &Peer,
+        ctx: &mut Ctx,
+    ) -> Result<Response<RespBody>, Refusal> {
+        let path = req.uri().path().to_owned();
+        let Some(rest) = path.strip_prefix("/p/") else {
+            return Err(Refusal::new(
+                StatusCode::NOT_FOUND,
+                "use /p/<proxy>/<path>",
+                "error",
+            ));
+        };
+        let (name, rest) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/"),
+        };
+        ctx.proxy = name.to_owned();
+        ctx.path = rest.to_owned();
+        let who = self.authenticate(req.headers(), peer, Mode::Gateway)?;
+        ctx.caller = who.label();
+        let snap = self.snapshot(name)?;
+        let rest = rest.to_owned();
+        self.proxied(req, who, snap, rest, Mode::Gateway, ctx).await
+    }
+
+    fn snapshot(&self, name: &str) -> Result<Arc<Snapshot>, Refusal> {
+        self.store.snapshot(name).map_err(|e| match e {
+            super::model::ProxyError::NotFound(_) => {
+                Refusal::new(StatusCode::NOT_FOUND, "no such proxy", "error")
+            }
+            other => {
+                tracing::error!(error = %other, "proxy snapshot failed");
+                Refusal::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "proxy configuration unavailable",
+                    "error",
+                )
+            }
+        })
+    }
+
+    /// Forward proxy: an absolute-form request is matched to a target by
+    /// host, then to the first proxy of that target the caller may use.
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        peer: &Peer,
+        ctx: &mut Ctx,
+    ) -> Result<Response<RespBody>, Refusal> {
+        let Some(host) = req.uri().host().map(super::ssrf::Egress::normalise) else {
+            return Err(Refusal::new(
+                StatusCode::BAD_REQUEST,
+                "the forward proxy takes absolute-form requests (http://host/path)",
+                "error",
+            ));
+        };
+        let who = self.authenticate(req.headers(), peer, Mode::Forward)?;
+        ctx.caller = who.label();
+        let fail = |e: super::model::ProxyError| {
+            tracing::error!(error = %e, "proxy configuration read failed");
+            Refusal::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "proxy configuration unavailable",
+                "error",
+            )
+        };
+        let targets = self.store.list_targets().map_err(fail)?;
+        let target_names: Vec<String> = targets
+            .iter()
+            .filter(|t| t.base().is_ok_and(|b| b.host == host))
+            .map(|t| t.name.clone())
+            .collect();
+        if target_names.is_empty() {
+            return Err(Refusal::new(
+                StatusCode::FORBIDDEN,
+                "no target is configured for this host",
+                "deny",
+            ));
+        }
+        let mut chosen = None;
+        for p in self.store.list_proxies().map_err(fail)? {
+            if target_names.contains(&p.target) {
+                let snap = self.snapshot(&p.name)?;
+                if self.allowed_on(&who, &snap) {
+                    chosen = Some(snap);
+                    break;
+                }
+            }
+        }
+        let Some(snap) = chosen else {
+            return Err(Refusal::new(
+                StatusCode::FORBIDDEN,
+                "no proxy for this host admits this caller",
+                "deny",
+            ));
+        };
+        ctx.proxy = snap.proxy.name.clone();
+        let path = req.uri().path();
+        let rest = if snap.base.path.is_empty() {
+            path.to_owned()
+        } else {
+            match path.strip_prefix(&snap.base.path) {
+                Some(r) if r.is_empty() || r.starts_with('/') => {
+                    if r.is_empty() {
+                        "/".to_owned()
+                    } else {
+                        r.to_owned()
+                    }
+                }
+                _ => {
+                    return Err(Refusal::new(
+                        StatusCode::FORBIDDEN,
+                        "path is outside the target's base path",
+                        "deny",
+                    ))
+                }
+            }
+        };
+        ctx.path = rest.clone();
+        self.proxied(req, who, snap, rest, Mode::Forward, ctx).await
+    }
+
+    /// The shared pipeline after the proxy is known.
+    async fn proxied(
+        &self,
+        req: Request<Incoming>,
+        who: Who,
+        snap: Arc<Snapshot>,
+        rest: String,
+        mode: Mode,
+        ctx: &mut Ctx,
+    ) -> Result<Response<RespBody>, Refusal> {
+        if !self.allowed_on(&who, &snap) {
+            return Err(Refusal::new(
+                StatusCode::FORBIDDEN,
+                "this caller may not use this proxy",
+                "deny",
+            ));
+        }
+        if !path_is_clean(&rest) {
+            return Err(Refusal::new(
+                StatusCode::BAD_REQUEST,
+                "path has dot segments, empty segments or encoded separators",
+                "deny",
+            ));
+        }
+        let rate = self.rate_limit(&who, &snap)?;
+
+        // Rules.
+        let headers: Vec<(String, String)> = req
+            .headers()
+            .iter()
+            .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+            .collect();
+        let query = req.uri().query().map(str::to_owned);
+        let explain = evaluate(
+            snap.proxy.default_effect,
+            &snap.rules,
+            &RequestFacts {
+                method: req.method().as_str(),
+                path: &rest,
+                headers: &headers,
+                query: query.as_deref(),
+            },
+        );
+        let rule_label = explain.rule.clone().unwrap_or_else(|| "default".into());
+        if explain.effect == Effect::Deny {
+            let mut resp = json(
+                StatusCode::FORBIDDEN,
+                serde_json::json!({
+                    "error": "denied by the proxy's rules",
+                    "rule": explain.rule,
+                    "reason": explain.reason,
+                }),
+            );
+            if let Ok(v) = HeaderValue::from_str(&format!("deny; rule={rule_label}")) {
+                resp.headers_mut().insert(DECISION_HEADER, v);
+            }
+            return Err(Refusal {
+                resp: Box::new(resp),
+                decision: "deny",
+                rule: explain.rule,
+            });
+        }
+
+        // Credential.
+        let secret = match (&snap.proxy.credential, &snap.credential) {
+            (None, _) => None,
+            (Some(_), None) => {
+                return Err(Refusal::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the proxy's target credential was deleted",
+                    "error",
+                ))
+            }
+            (Some(_), Some(c)) => {
+                let store = self.store.clone();
+                let id = c.id.clone();
+                let v = tokio::task::spawn_blocking(move || store.credential_value(&id))
+                    .await
+                    .map_err(|_| {
+                        Refusal::new(StatusCode::INTERNAL_SERVER_ERROR, "worker failed", "error")
+                    })?;
+                match v {
+                    Ok(v) => Some((c.injection.clone(), v)),
+                    Err(super::model::ProxyError::NotFound(_)) => {
+                        return Err(Refusal::new(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "the proxy's target credential was deleted",
+                            "error",
+                        ))
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot unseal the target credential");
+                        return Err(Refusal::new(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "the target credential cannot be unsealed now",
+                            "error",
+                        ));
+                    }
+                }
+            }
+        };
+
+        // Upstream request.
+        let (parts, body) = req.into_parts();
+        if let Some(len) = parts
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        {
+            if len > self.cfg.max_request_bytes {
+                return Err(Refusal::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "request body is larger than the proxy's limit",
+                    "error",
+                ));
+            }
+        }
+        let mut query_out: Vec<String> = Vec::new();
+        let injected_param = match &secret {
+            Some((Injection::Query { param }, _)) => Some(param.clone()),
+            _ => None,
+        };
+        if let Some(q) = &query {
+            for p in q.split('&').filter(|p| !p.is_empty()) {
+                let k = p.split_once('=').map_or(p, |(k, _)| k);
+                if injected_param
+                    .as_deref()
+                    .is_some_and(|ip| super::model::percent_decode(k) == ip)
+                {
+                    continue;
+                }
+                query_out.push(p.to_owned());
+            }
+        }
+        let mut headers_out = HeaderMap::with_capacity(parts.headers.len() + 2);
+        let listed: Vec<String> = parts
+            .headers
+            .get_all(http::header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(|s| s.trim().to_ascii_lowercase())
+            .collect();
+        for (k, v) in parts.headers.iter() {
+            let n = k.as_str();
+            if is_hop_by_hop(n)
+                || listed.iter().any(|l| l == n)
+                || n == "host"
+                || n == "authorization"
+                || n == "proxy-authorization"
+            {
+                continue;
+            }
+            headers_out.append(k.clone(), v.clone());
+        }
+        if let Ok(h) = HeaderValue::from_str(&snap.base.authority()) {
+            headers_out.insert(http::header::HOST, h);
+        }
+        if let Some((inj, value)) = &secret {
+            match inj {
+                Injection::Header { name, template } => {
+                    let text = String::from_utf8_lossy(value);
+                    let v = zeroize::Zeroizing::new(template.replace("{}", &text));
+                    let (Ok(n), Ok(mut hv)) = (
+                        HeaderName::from_bytes(name.as_bytes()),
+                        HeaderValue::from_str(&v),
+                    ) else {
+                        return Err(Refusal::new(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            "the target credential cannot be put in a header",
+                            "error",
+                        ));
+                    };
+                    hv.set_sensitive(true);
+                    headers_out.insert(n, hv);
+                }
+                Injection::Basic { user } => {
+                    let mut raw = zeroize::Zeroizing::new(format!("{user}:").into_bytes());
+                    raw.extend_from_slice(value);
+                    let enc = zeroize::Zeroizing::new(format!(
+                        "Basic {}",
+                        base64::engine::general_purpose::STANDARD.encode(&*raw)
+                    ));
+                    if let Ok(mut hv) = HeaderValue::from_str(&enc) {
+                        hv.set_sensitive(true);
+                        headers_out.insert(http::header::AUTHORIZATION, hv);
+                    }
+                }
+                Injection::Query { param } => {
+                    query_out.push(format!("{param}={}", url_encode(value)));
+                }
+            }
+        }
+        let scheme = if snap.base.https { "https" } else { "http" };
+        let mut uri = format!(
+            "{scheme}://{}{}{}",
+            snap.base.authority(),
+            snap.base.path,
+            rest
+        );
+        if !query_out.is_empty() {
+            uri.push('?');
+            uri.push_str(&query_out.join("&"));
+        }
+        let uri: http::Uri = uri
+            .parse()
+            .map_err(|_| Refusal::new(StatusCode::BAD_REQUEST, "bad request path", "error"))?;
+        let count_in = Arc::new(AtomicU64::new(0));
+        let body_up = Metered {
+            inner: body,
+            count: count_in.clone(),
+            limit: self.cfg.max_request_bytes,
+            on_end: None,
+        }
+        .boxed();
+        let mut up = Request::new(body_up);
+        *up.method_mut() = parts.method.clone();
+        *up.uri_mut() = uri;
+        *up.headers_mut() = headers_out;
+        drop(secret);
+
+        // Send.
+        let client = self.clients.get(&snap.target).map_err(|e| {
+            tracing::error!(target = %snap.target.name, error = %e, "upstream client");
+            Refusal::new(
+                StatusCode::BAD_GATEWAY,
+                "upstream TLS setup failed",
+                "error",
+            )
+        })?;
+        let timeout = Duration::from_millis(snap.target.response_timeout_ms);
+        let resp = match tokio::time::timeout(timeout, client.request(up)).await {
+            Err(_) => {
+                return Err(Refusal::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream did not answer in time",
+                    "error",
+                ))
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(proxy = %snap.proxy.name, error = %e, connect = e.is_connect(), "upstream request failed");
+                return Err(Refusal::new(
+                    StatusCode::BAD_GATEWAY,
+                    if e.is_connect() {
+                        "upstream unreachable"
+                    } else {
+                        "upstream request failed"
+                    },
+                    "error",
+                ));
+            }
+            Ok(Ok(r)) => r,
+        };
+
+        // Response filter.
+        let (mut rparts, rbody) = resp.into_parts();
+        if rparts
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+            .is_some_and(|n| n > self.cfg.max_response_bytes)
+        {
+            return Err(Refusal::new(
+                StatusCode::BAD_GATEWAY,
+                "upstream response is larger than the proxy's limit",
+                "error",
+            ));
+        }
+        let listed: Vec<String> = rparts
+            .headers
+            .get_all(http::header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(|s| s.trim().to_ascii_lowercase())
+            .collect();
+        let drop_names: Vec<HeaderName> = rparts
+            .headers
+            .keys()
+            .filter(|k| is_hop_by_hop(k.as_str()) || listed.iter().any(|l| l == k.as_str()))
+            .cloned()
+            .collect();
+        for k in drop_names {
+            rparts.headers.remove(k);
+        }
+        if let Ok(v) = HeaderValue::from_str(&format!("allow; rule={rule_label}")) {
+            rparts.headers.insert(DECISION_HEADER, v);
+        }
+        if let Some(d) = &rate {
+            set_rate_headers(&mut rparts.headers, d);
+        }
+        let status = rparts.status.as_u16();
+        let store = self.store.clone();
+        let entry = LogEntry {
+            time_us: ctx.time_us,
+            proxy: ctx.proxy.clone(),
+            caller: ctx.caller.clone(),
+            method: ctx.method.clone(),
+            path: ctx.path.clone(),
+            status,
+            latency_us: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+            decision: "allow".into(),
+            rule: explain.rule,
+        };
+        let start = ctx.start;
+        let _ = mode;
+        let body_out = Metered {
+            inner: rbody,
+            count: Arc::new(AtomicU64::new(0)),
+            limit: self.cfg.max_response_bytes,
+            on_end: Some(Box::new(move |out| {
+                let mut e = entry;
+                e.latency_us = start.elapsed().as_micros() as u64;
+                e.bytes_in = count_in.load(Ordering::Relaxed);
+                e.bytes_out = out;
+                tracing::info!(
+                    proxy = %e.proxy, caller = %e.caller, method = %e.method, path = %e.path,
+                    status = e.status, decision = "allow", rule = e.rule.as_deref().unwrap_or("-"),
+                    latency_us = e.latency_us, bytes_in = e.bytes_in, bytes_out = e.bytes_out,
+                    "proxied request"
+                );
+                store.log(&e);
+            })),
+        }
+        .boxed();
+        Ok(Response::from_parts(rparts, body_out))
+    }
+
+    /// CONNECT: an authenticated caller, an allow-listed host, every
+    /// resolved address checked, then a blind tunnel to the checked address.
+    async fn connect(
+        &self,
+        req: Request<Incoming>,
+        peer: Peer,
+        mut ctx: Ctx,
+    ) -> Response<RespBody> {
+        ctx.proxy = "connect".into();
+        let authority = req
+            .uri()
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .unwrap_or_default();
+        ctx.path = authority.clone();
+        let who = match self.authenticate(req.headers(), &peer, Mode::Forward) {
+            Ok(w) => w,
+            Err(r) => {
+                self.log(&ctx, r.resp.status().as_u16(), r.decision, None, (0, 0));
+                return *r.resp;
+            }
+        };
+        ctx.caller = who.label();
+        let addrs = match self.cfg.egress.resolve(&authority).await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(target = %authority, reason = %e, caller = %ctx.caller, "CONNECT refused");
+                self.log(&ctx, 403, "deny", None, (0, 0));
+                return error(StatusCode::FORBIDDEN, &e.to_string());
+            }
+        };
+        let mut stream = None;
+        for a in &addrs {
+            if let Ok(Ok(s)) =
+                tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(a)).await
+            {
+                stream = Some(s);
+                break;
+            }
+        }
+        let Some(upstream) = stream else {
+            self.log(&ctx, 502, "error", None, (0, 0));
+            return error(
+                StatusCode::BAD_GATEWAY,
+                "cannot connect to the tunnel target",
+            );
+        };
+        self.log(&ctx, 200, "allow", None, (0, 0));
+        tokio::spawn(async move {
+            match hyper::upgrade::on(req).await {
+                Ok(upgraded) => {
+                    let mut client = TokioIo::new(upgraded);
+                    let mut upstream = upstream;
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                }
+                Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
+            }
+        });
+        Response::new(full(Bytes::new()))
+    }
+}
+
+fn url_encode(v: &[u8]) -> String {
+    let mut s = String::with_capacity(v.len() * 3);
+    for b in v {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            s.push(*b as char);
+        } else {
+            s.push_str(&format!("%{b:02X}"));
+        }
+    }
+    s
+}
+
+async fn serve_conn<I>(gw: Arc<Gateway>, io: I, peer: Peer, mode: Mode)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let header_timeout = gw.cfg.header_timeout;
+    let svc = hyper::service::service_fn(move |req| {
+        let gw = gw.clone();
+        let peer = peer.clone();
+        async move { Ok::<_, Infallible>(gw.handle(req, peer, mode).await) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(io), svc)
+        .with_upgrades();
+    if let Err(e) = conn.await {
+        tracing::debug!(error = %e, "proxy connection ended with an error");
+    }
+}
+
+/// Serves `mode` on a loopback TCP listener until `shutdown` resolves.
+pub async fn serve_tcp(
+    gw: Arc<Gateway>,
+    listener: TcpListener,
+    mode: Mode,
+    shutdown: impl Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, addr) = tokio::select! {
+            _ = &mut shutdown => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "proxy accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(serve_conn(gw.clone(), stream, Peer::Tcp(addr), mode));
+    }
+}
+
+/// Serves the gateway on a Unix socket; each caller is identified by the
+/// kernel at accept.
+pub async fn serve_unix(
+    gw: Arc<Gateway>,
+    listener: UnixListener,
+    shutdown: impl Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            _ = &mut shutdown => return,
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "proxy accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let gw = gw.clone();
+        tokio::spawn(async move {
+            let Ok(std_stream) = stream.into_std() else {
+                return;
+            };
+            let ident = gw.identifier.clone();
+            let Ok((std_stream, id)) = tokio::task::spawn_blocking(move || {
+                let id = ident.identify(std_stream.as_fd());
+                (std_stream, id)
+            })
+            .await
+            else {
+                return;
+            };
+            let id = match id {
+                Ok(i) => Arc::new(i),
+                Err(e) => {
+                    return tracing::warn!(error = %e, "proxy: peer without credentials refused")
+                }
+            };
+            let Ok(stream) = tokio::net::UnixStream::from_std(std_stream) else {
+                return;
+            };
+            serve_conn(gw, stream, Peer::Unix(id), Mode::Gateway).await;
+        });
+    }
+}
+
+/// Binds and serves every configured listener; returns when `shutdown`
+/// fires. Errors name the listener that could not be bound.
+pub async fn run(
+    gw: Arc<Gateway>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) -> Result<Vec<tokio::task::JoinHandle<()>>, String> {
+    let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|v| *v).await;
+    };
+    let mut tasks = Vec::new();
+    let cfg = gw.cfg.clone();
+    if let Some(a) = cfg.gateway_listen {
+        let l = TcpListener::bind(a)
+            .await
+            .map_err(|e| format!("cannot listen on proxy.gateway_listen {a}: {e}"))?;
+        tracing::info!(addr = %a, "proxy gateway listening");
+        tasks.push(tokio::spawn(serve_tcp(
+            gw.clone(),
+            l,
+            Mode::Gateway,
+            wait(shutdown.clone()),
+        )));
+    }
+    if let Some(a) = cfg.forward_listen {
+        let l = TcpListener::bind(a)
+            .await
+            .map_err(|e| format!("cannot listen on proxy.forward_listen {a}: {e}"))?;
+        tracing::info!(addr = %a, "forward proxy listening");
+        tasks.push(tokio::spawn(serve_tcp(
+            gw.clone(),
+            l,
+            Mode::Forward,
+            wait(shutdown.clone()),
+        )));
+    }
+    if let Some(p) = &cfg.gateway_socket {
+        let l = crate::daemon::bind_socket(p, cfg.gateway_socket_mode, None)
+            .and_then(UnixListener::from_std)
+            .map_err(|e| format!("cannot listen on proxy.gateway_socket {}: {e}", p.display()))?;
+        tracing::info!(socket = %p.display(), "proxy gateway listening");
+        tasks.push(tokio::spawn(serve_unix(
+            gw.clone(),
+            l,
+            wait(shutdown.clone()),
+        )));
+    }
+    Ok(tasks)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clean_paths() {
+        assert!(path_is_clean("/"));
+        assert!(path_is_clean("/v1/items"));
+        assert!(path_is_clean("/v1/items/"));
+        assert!(!path_is_clean("/v1/../admin"));
+        assert!(!path_is_clean("/v1/./x"));
+        assert!(!path_is_clean("/v1//x"));
+        assert!(!path_is_clean("/v1/%2e%2e/x"));
+        assert!(!path_is_clean("/v1/a%2Fb"));
+        assert!(!path_is_clean("v1"));
+    }
+}

@@ -1,0 +1,605 @@
+//! Persistence of the proxy model and the request log, with the in-memory
+//! caches the gateway reads on every request.
+//!
+//! Trees: `proxy_targets` (name -> [`Target`]), `proxy_creds` (id ->
+//! [`Credential`]), `proxy_proxies` (name -> [`Proxy`]),
+//! `proxy_rules` (proxy || 0x00 || rule id -> [`Rule`]) and `proxy_log`
+//! (proxy || 0x00 || time µs BE || seq BE -> [`LogEntry`]). Each change is
+//! one sled transaction over the trees it reads and writes, flushed before
+//! returning. A credential's value is sealed under the root with
+//! [`SecretStore::seal_value`] (kind [`CRED_KIND`], name = id) before its
+//! record is written, so root rotation rewraps it; it is never returned.
+//!
+//! The gateway reads a [`Snapshot`] per request (compiled rules), cached
+//! until the next change; credential values are cached unsealed (zeroized
+//! on drop) and dropped from the cache by the change that replaces or
+//! deletes them, so a deleted credential is refused on the next request.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
+use serde::{Deserialize, Serialize};
+use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
+use sled::Transactional;
+use zeroize::Zeroizing;
+
+use super::model::*;
+use crate::secrets::SecretStore;
+use crate::store::{decode, encode};
+
+/// Kind of sealed credential values (name = credential id).
+pub const CRED_KIND: &str = "proxy-cred";
+
+const T_TARGETS: &str = "proxy_targets";
+const T_CREDS: &str = "proxy_creds";
+const T_PROXIES: &str = "proxy_proxies";
+const T_RULES: &str = "proxy_rules";
+const T_LOG: &str = "proxy_log";
+
+/// One proxied request. Never holds a key or a credential.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogEntry {
+    /// Unix time, microseconds.
+    pub time_us: u64,
+    pub proxy: String,
+    /// `key:<id>` or the kernel identity (`uid=...`), or `-`.
+    pub caller: String,
+    pub method: String,
+    /// Path without the query (the query can carry secrets).
+    pub path: String,
+    pub status: u16,
+    pub latency_us: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// `allow`, `deny`, `rate_limited`, `unauthenticated`, `error`.
+    pub decision: String,
+    pub rule: Option<String>,
+}
+
+/// A proxy ready for the gateway: records and compiled, sorted rules.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub proxy: Proxy,
+    pub target: Target,
+    pub base: BaseUrl,
+    pub credential: Option<Credential>,
+    pub rules: Vec<CompiledRule>,
+}
+
+type TxResult<T> = Result<T, ConflictableTransactionError<ProxyError>>;
+
+fn abort<T>(e: ProxyError) -> TxResult<T> {
+    Err(ConflictableTransactionError::Abort(e))
+}
+
+fn tx_get<T: serde::de::DeserializeOwned>(
+    t: &TransactionalTree,
+    tree: &'static str,
+    key: &[u8],
+) -> TxResult<Option<T>> {
+    match t.get(key)? {
+        None => Ok(None),
+        Some(b) => match decode(tree, &b) {
+            Ok(v) => Ok(Some(v)),
+            Err(e) => abort(e.into()),
+        },
+    }
+}
+
+fn tx_put<T: Serialize>(t: &TransactionalTree, key: &[u8], v: &T) -> TxResult<()> {
+    match encode(v) {
+        Ok(b) => {
+            t.insert(key, b)?;
+            Ok(())
+        }
+        Err(e) => abort(e.into()),
+    }
+}
+
+fn from_tx(e: TransactionError<ProxyError>) -> ProxyError {
+    match e {
+        TransactionError::Abort(a) => a,
+        TransactionError::Storage(s) => s.into(),
+    }
+}
+
+fn rule_key(proxy: &str, id: &str) -> Vec<u8> {
+    let mut k = proxy.as_bytes().to_vec();
+    k.push(0);
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+fn prefix(proxy: &str) -> Vec<u8> {
+    let mut k = proxy.as_bytes().to_vec();
+    k.push(0);
+    k
+}
+
+/// The proxy configuration store.
+pub struct ProxyStore {
+    secrets: Arc<SecretStore>,
+    targets: sled::Tree,
+    creds: sled::Tree,
+    proxies: sled::Tree,
+    rules: sled::Tree,
+    log: sled::Tree,
+    write: Mutex<()>,
+    /// Bumped by every change; snapshots carry the generation they saw.
+    generation: AtomicU64,
+    snapshots: RwLock<HashMap<String, (u64, Arc<Snapshot>)>>,
+    values: RwLock<HashMap<String, Arc<Zeroizing<Vec<u8>>>>>,
+    log_seq: AtomicU64,
+}
+
+impl std::fmt::Debug for ProxyStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxyStore").finish_non_exhaustive()
+    }
+}
+
+impl ProxyStore {
+    /// Opens the proxy trees of `secrets`' store.
+    pub fn open(secrets: Arc<SecretStore>) -> Result<ProxyStore, ProxyError> {
+        let db = secrets.store().db.clone();
+        Ok(ProxyStore {
+            targets: db.open_tree(T_TARGETS)?,
+            creds: db.open_tree(T_CREDS)?,
+            proxies: db.open_tree(T_PROXIES)?,
+            rules: db.open_tree(T_RULES)?,
+            log: db.open_tree(T_LOG)?,
+            secrets,
+            write: Mutex::new(()),
+            generation: AtomicU64::new(1),
+            snapshots: RwLock::new(HashMap::new()),
+            values: RwLock::new(HashMap::new()),
+            log_seq: AtomicU64::new(0),
+        })
+    }
+
+    fn changed(&self) -> Result<(), ProxyError> {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.snapshots.write().clear();
+        self.secrets.store().flush()?;
+        Ok(())
+    }
+
+    // ---- targets ----------------------------------------------------------
+
+    /// Creates or replaces a target (`created_at` is kept on replace).
+    pub fn put_target(&self, mut t: Target, now: u64) -> Result<Target, ProxyError> {
+        check_name("target", &t.name)?;
+        let base = BaseUrl::parse(&t.base_url, true)?;
+        t.base_url = base.to_text();
+        for (what, v) in [
+            ("connect timeout", t.connect_timeout_ms),
+            ("response timeout", t.response_timeout_ms),
+            ("idle timeout", t.idle_timeout_ms),
+        ] {
+            if v == 0 || v > 3_600_000 {
+                return Err(invalid(format!("{what} must be 1 ms..=1 h")));
+            }
+        }
+        if let Some(ca) = &t.ca_bundle {
+            if !ca.starts_with('/') {
+                return Err(invalid("ca bundle must be an absolute path"));
+            }
+            super::upstream::load_roots(ca).map_err(|e| invalid(format!("ca bundle: {e}")))?;
+        }
+        let _g = self.write.lock();
+        let t = self
+            .targets
+            .transaction(|tt| {
+                let old: Option<Target> = tx_get(tt, T_TARGETS, t.name.as_bytes())?;
+                let mut t = t.clone();
+                t.created_at = old.map_or(now, |o| o.created_at);
+                t.updated_at = now;
+                tx_put(tt, t.name.as_bytes(), &t)?;
+                Ok(t)
+            })
+            .map_err(from_tx)?;
+        self.changed()?;
+        Ok(t)
+    }
+
+    pub fn get_target(&self, name: &str) -> Result<Target, ProxyError> {
+        match self.targets.get(name.as_bytes())? {
+            Some(b) => Ok(decode(T_TARGETS, &b)?),
+            None => Err(ProxyError::NotFound(format!("target {name:?}"))),
+        }
+    }
+
+    pub fn list_targets(&self) -> Result<Vec<Target>, ProxyError> {
+        self.targets
+            .iter()
+            .values()
+            .map(|v| Ok(decode(T_TARGETS, &v?)?))
+            .collect()
+    }
+
+    /// Deletes a target that no credential or proxy uses.
+    pub fn delete_target(&self, name: &str) -> Result<(), ProxyError> {
+        let _g = self.write.lock();
+        // Writers are serialised by the lock, so nothing can start using
+        // the target between this check and the transaction.
+        if let Some(user) = self.target_in_use(name)? {
+            return Err(ProxyError::FailedPrecondition(format!(
+                "target {name} is used by {user}; delete or repoint that first"
+            )));
+        }
+        self.targets
+            .transaction(|tt| {
+                if tt.remove(name.as_bytes())?.is_none() {
+                    return abort(ProxyError::NotFound(format!("target {name:?}")));
+                }
+                Ok(())
+            })
+            .map_err(from_tx)?;
+        self.changed()
+    }
+
+    fn target_in_use(&self, name: &str) -> Result<Option<String>, ProxyError> {
+        for c in self.list_credentials()? {
+            if c.target == name {
+                return Ok(Some(format!("credential {}", c.id)));
+            }
+        }
+        for p in self.list_proxies()? {
+            if p.target == name {
+                return Ok(Some(format!("proxy {}", p.name)));
+            }
+        }
+        Ok(None)
+    }
+
+    // ---- credentials ------------------------------------------------------
+
+    /// Creates or replaces a credential and seals its value. The value is
+    /// sealed first; the record is written after, so a record never points
+    /// at a missing value.
+    pub fn put_credential(
+        &self,
+        mut c: Credential,
+        value: &[u8],
+        now: u64,
+    ) -> Result<Credential, ProxyError> {
+        check_name("credential", &c.id)?;
+        if value.is_empty() || value.len() > 16 * 1024 {
+            return Err(invalid("credential value must be 1..=16384 bytes"));
+        }
+        if let Injection::Header { .. } = c.injection {
+            if value.iter().any(|b| *b < 0x20 || *b == 0x7f) {
+                return Err(invalid(
+                    "credential value has control characters and cannot go into a header",
+                ));
+            }
+        }
+        let _g = self.write.lock();
+        self.get_target(&c.target)?;
+        if let Some(old) = self.get_credential_opt(&c.id)? {
+            if old.target != c.target {
+                return Err(ProxyError::FailedPrecondition(format!(
+                    "credential {} belongs to target {}; delete it first to move it",
+                    c.id, old.target
+                )));
+            }
+            c.created_at = old.created_at;
+        } else {
+            c.created_at = now;
+        }
+        c.updated_at = now;
+        self.secrets.seal_value(CRED_KIND, &c.id, value)?;
+        self.values.write().remove(&c.id);
+        let rec = c.clone();
+        (&self.targets, &self.creds)
+            .transaction(|(tt, ct)| {
+                if tt.get(rec.target.as_bytes())?.is_none() {
+                    return abort(ProxyError::NotFound(format!("target {:?}", rec.target)));
+                }
+                tx_put(ct, rec.id.as_bytes(), &rec)
+            })
+            .map_err(from_tx)?;
+        self.values.write().remove(&c.id);
+        self.changed()?;
+        Ok(c)
+    }
+
+    fn get_credential_opt(&self, id: &str) -> Result<Option<Credential>, ProxyError> {
+        match self.creds.get(id.as_bytes())? {
+            Some(b) => Ok(Some(decode(T_CREDS, &b)?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn get_credential(&self, id: &str) -> Result<Credential, ProxyError> {
+        self.get_credential_opt(id)?
+            .ok_or_else(|| ProxyError::NotFound(format!("credential {id:?}")))
+    }
+
+    pub fn list_credentials(&self) -> Result<Vec<Credential>, ProxyError> {
+        self.creds
+            .iter()
+            .values()
+            .map(|v| Ok(decode(T_CREDS, &v?)?))
+            .collect()
+    }
+
+    /// Deletes a credential and its sealed value. Proxies still naming it
+    /// refuse requests from now on (the value is gone).
+    pub fn delete_credential(&self, id: &str) -> Result<(), ProxyError> {
+        let _g = self.write.lock();
+        let sealed_key = {
+            let mut k = CRED_KIND.as_bytes().to_vec();
+            k.push(0);
+            k.extend_from_slice(id.as_bytes());
+            k
+        };
+        let sealed = self.secrets.store().sealed.clone();
+        (&self.creds, &sealed)
+            .transaction(|(ct, st)| {
+                if ct.remove(id.as_bytes())?.is_none() {
+                    return abort(ProxyError::NotFound(format!("credential {id:?}")));
+                }
+                st.remove(sealed_key.as_slice())?;
+                Ok(())
+            })
+            .map_err(from_tx)?;
+        self.values.write().remove(id);
+        self.changed()
+    }
+
+    /// The unsealed value of credential `id` (cached). Blocking on a cold
+    /// DEK cache (the root device unwraps).
+    pub fn credential_value(&self, id: &str) -> Result<Arc<Zeroizing<Vec<u8>>>, ProxyError> {
+        if let Some(v) = self.values.read().get(id) {
+            return Ok(v.clone());
+        }
+        let gen = self.generation.load(Ordering::SeqCst);
+        let v = self
+            .secrets
+            .open_value(CRED_KIND, id)?
+            .ok_or_else(|| ProxyError::NotFound(format!("credential {id:?}")))?;
+        let v = Arc::new(v);
+        // Cache only when no change happened meanwhile (a delete racing
+        // this read must not leave the old value cached).
+        let mut w = self.values.write();
+        if self.generation.load(Ordering::SeqCst) == gen && self.creds.contains_key(id)? {
+            w.insert(id.to_owned(), v.clone());
+        }
+        Ok(v)
+    }
+
+    // ---- proxies ----------------------------------------------------------
+
+    /// Creates or replaces a proxy. Its target must exist, and its
+    /// credential must exist and belong to that target.
+    pub fn put_proxy(&self, mut p: Proxy, now: u64) -> Result<Proxy, ProxyError> {
+        check_name("proxy", &p.name)?;
+        for id in &p.key_ids {
+            if !crate::apikeys::check_id(id) {
+                return Err(invalid(format!("{id:?} is not an API key id (ak_...)")));
+            }
+        }
+        for o in &p.key_owners {
+            crate::apikeys::check_owner(o).map_err(|e| invalid(e.to_string()))?;
+        }
+        let _g = self.write.lock();
+        let rec = (&self.targets, &self.creds, &self.proxies)
+            .transaction(|(tt, ct, pt)| {
+                if tt.get(p.target.as_bytes())?.is_none() {
+                    return abort(ProxyError::NotFound(format!("target {:?}", p.target)));
+                }
+                if let Some(cid) = &p.credential {
+                    let c: Option<Credential> = tx_get(ct, T_CREDS, cid.as_bytes())?;
+                    match c {
+                        None => return abort(ProxyError::NotFound(format!("credential {cid:?}"))),
+                        Some(c) if c.target != p.target => {
+                            return abort(ProxyError::FailedPrecondition(format!(
+                                "credential {cid} belongs to target {}, not {}",
+                                c.target, p.target
+                            )))
+                        }
+                        Some(_) => {}
+                    }
+                }
+                let old: Option<Proxy> = tx_get(pt, T_PROXIES, p.name.as_bytes())?;
+                let mut rec = p.clone();
+                rec.created_at = old.map_or(now, |o| o.created_at);
+                rec.updated_at = now;
+                tx_put(pt, rec.name.as_bytes(), &rec)?;
+                Ok(rec)
+            })
+            .map_err(from_tx)?;
+        p = rec;
+        self.changed()?;
+        Ok(p)
+    }
+
+    pub fn get_proxy(&self, name: &str) -> Result<Proxy, ProxyError> {
+        match self.proxies.get(name.as_bytes())? {
+            Some(b) => Ok(decode(T_PROXIES, &b)?),
+            None => Err(ProxyError::NotFound(format!("proxy {name:?}"))),
+        }
+    }
+
+    pub fn list_proxies(&self) -> Result<Vec<Proxy>, ProxyError> {
+        self.proxies
+            .iter()
+            .values()
+            .map(|v| Ok(decode(T_PROXIES, &v?)?))
+            .collect()
+    }
+
+    /// Deletes a proxy and its rules in one transaction.
+    pub fn delete_proxy(&self, name: &str) -> Result<(), ProxyError> {
+        let _g = self.write.lock();
+        let rule_keys: Vec<sled::IVec> = self
+            .rules
+            .scan_prefix(prefix(name))
+            .keys()
+            .collect::<Result<_, _>>()?;
+        (&self.proxies, &self.rules)
+            .transaction(|(pt, rt)| {
+                if pt.remove(name.as_bytes())?.is_none() {
+                    return abort(ProxyError::NotFound(format!("proxy {name:?}")));
+                }
+                for k in &rule_keys {
+                    rt.remove(k.as_ref())?;
+                }
+                Ok(())
+            })
+            .map_err(from_tx)?;
+        self.changed()
+    }
+
+    // ---- rules ------------------------------------------------------------
+
+    /// Creates or replaces rule `r.id` of proxy `r.proxy` (validated and
+    /// compiled first).
+    pub fn put_rule(&self, mut r: Rule, now: u64) -> Result<Rule, ProxyError> {
+        r.created_at = now;
+        let compiled = CompiledRule::new(r)?;
+        let r = compiled.rule;
+        let _g = self.write.lock();
+        let count = self.rules.scan_prefix(prefix(&r.proxy)).count();
+        let key = rule_key(&r.proxy, &r.id);
+        (&self.proxies, &self.rules)
+            .transaction(|(pt, rt)| {
+                if pt.get(r.proxy.as_bytes())?.is_none() {
+                    return abort(ProxyError::NotFound(format!("proxy {:?}", r.proxy)));
+                }
+                if rt.get(key.as_slice())?.is_none() && count >= MAX_RULES {
+                    return abort(invalid(format!("a proxy has at most {MAX_RULES} rules")));
+                }
+                tx_put(rt, &key, &r)
+            })
+            .map_err(from_tx)?;
+        self.changed()?;
+        Ok(r)
+    }
+
+    /// Rules of `proxy`, in evaluation order.
+    pub fn list_rules(&self, proxy: &str) -> Result<Vec<Rule>, ProxyError> {
+        let mut rules = self.compiled_rules(proxy)?;
+        sort_rules(&mut rules);
+        Ok(rules.into_iter().map(|c| c.rule).collect())
+    }
+
+    fn compiled_rules(&self, proxy: &str) -> Result<Vec<CompiledRule>, ProxyError> {
+        self.rules
+            .scan_prefix(prefix(proxy))
+            .values()
+            .map(|v| {
+                let r: Rule = decode(T_RULES, &v?)?;
+                CompiledRule::new(r)
+            })
+            .collect()
+    }
+
+    pub fn delete_rule(&self, proxy: &str, id: &str) -> Result<(), ProxyError> {
+        let _g = self.write.lock();
+        let key = rule_key(proxy, id);
+        self.rules
+            .transaction(|rt| {
+                if rt.remove(key.as_slice())?.is_none() {
+                    return abort(ProxyError::NotFound(format!(
+                        "rule {id:?} of proxy {proxy:?}"
+                    )));
+                }
+                Ok(())
+            })
+            .map_err(from_tx)?;
+        self.changed()
+    }
+
+    // ---- snapshots --------------------------------------------------------
+
+    /// The proxy `name` with its target, credential record and compiled
+    /// rules, cached until the next change.
+    pub fn snapshot(&self, name: &str) -> Result<Arc<Snapshot>, ProxyError> {
+        let gen = self.generation.load(Ordering::SeqCst);
+        if let Some((g, s)) = self.snapshots.read().get(name) {
+            if *g == gen {
+                return Ok(s.clone());
+            }
+        }
+        let proxy = self.get_proxy(name)?;
+        let target = self.get_target(&proxy.target)?;
+        let base = target.base()?;
+        let credential = match &proxy.credential {
+            Some(id) => self.get_credential_opt(id)?,
+            None => None,
+        };
+        let mut rules = self.compiled_rules(name)?;
+        sort_rules(&mut rules);
+        let snap = Arc::new(Snapshot {
+            proxy,
+            target,
+            base,
+            credential,
+            rules,
+        });
+        let mut w = self.snapshots.write();
+        if self.generation.load(Ordering::SeqCst) == gen {
+            w.insert(name.to_owned(), (gen, snap.clone()));
+        }
+        Ok(snap)
+    }
+
+    /// The generation of the configuration (changes on every write).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    /// Explains the decision for a request to `proxy` (`keyseal proxy test`).
+    pub fn explain(&self, proxy: &str, req: &RequestFacts<'_>) -> Result<Explain, ProxyError> {
+        let s = self.snapshot(proxy)?;
+        Ok(evaluate(s.proxy.default_effect, &s.rules, req))
+    }
+
+    // ---- request log ------------------------------------------------------
+
+    /// Appends a request log entry (not flushed: sled flushes in the
+    /// background; the log is operational data, not an audit record).
+    pub fn log(&self, e: &LogEntry) {
+        let seq = self.log_seq.fetch_add(1, Ordering::Relaxed);
+        let mut k = prefix(&e.proxy);
+        k.extend_from_slice(&e.time_us.to_be_bytes());
+        k.extend_from_slice(&seq.to_be_bytes());
+        match encode(e) {
+            Ok(v) => {
+                if let Err(err) = self.log.insert(k, v) {
+                    tracing::warn!(error = %err, "request log write failed");
+                }
+            }
+            Err(err) => tracing::warn!(error = %err, "request log encode failed"),
+        }
+    }
+
+    /// Entries of `proxy` with `after_us <= time < before_us` (0: open),
+    /// oldest first, at most `limit`.
+    pub fn query_log(
+        &self,
+        proxy: &str,
+        after_us: u64,
+        before_us: u64,
+        limit: usize,
+    ) -> Result<Vec<LogEntry>, ProxyError> {
+        let mut lo = prefix(proxy);
+        lo.extend_from_slice(&after_us.to_be_bytes());
+        let mut hi = prefix(proxy);
+        let before = if before_us == 0 { u64::MAX } else { before_us };
+        hi.extend_from_slice(&before.to_be_bytes());
+        let mut out = Vec::new();
+        for kv in self.log.range(lo..hi) {
+            let (_, v) = kv?;
+            out.push(decode(T_LOG, &v)?);
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+}

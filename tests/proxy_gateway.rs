@@ -1,0 +1,892 @@
+//! End-to-end tests of the credential-injecting proxy: the real keyseald
+//! and keyseal binaries, `curl` as the client, and a local HTTPS upstream
+//! (own test CA from rcgen) that echoes what it received.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener as StdListener, TcpStream as StdStream};
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::daemon::{TestDaemon, ROOT_POLICY};
+use common::Backend;
+
+const PROXY_POLICY: &str = r#"
+[[rule]]
+name = "root: proxies"
+capabilities = ["proxy:admin"]
+names = ["**"]
+[rule.match]
+uid = 0
+"#;
+
+// ---------------------------------------------------------------------------
+// The echo upstream
+// ---------------------------------------------------------------------------
+
+struct Upstream {
+    addr: SocketAddr,
+    _rt: tokio::runtime::Runtime,
+}
+
+struct Pki {
+    ca_pem: String,
+    leaf_pem: String,
+    leaf_key_der: Vec<u8>,
+}
+
+fn pki() -> Pki {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "keyseal proxy test CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let leaf_key = KeyPair::generate().unwrap();
+    let mut leaf_params = CertificateParams::new(vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        "127.0.0.2".to_string(),
+    ])
+    .unwrap();
+    leaf_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "localhost");
+    let leaf = leaf_params.signed_by(&leaf_key, &ca, &ca_key).unwrap();
+    Pki {
+        ca_pem: ca.pem(),
+        leaf_pem: leaf.pem(),
+        leaf_key_der: leaf_key.serialize_der(),
+    }
+}
+
+async fn echo(
+    req: hyper::Request<hyper::body::Incoming>,
+) -> Result<hyper::Response<http_body_util::Full<bytes::Bytes>>, std::convert::Infallible> {
+    use http_body_util::BodyExt;
+    if req.uri().path() == "/v1/slow" {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+    let headers: serde_json::Map<String, serde_json::Value> = req
+        .headers()
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().to_owned(),
+                serde_json::Value::String(v.to_str().unwrap_or("").to_owned()),
+            )
+        })
+        .collect();
+    let method = req.method().to_string();
+    let path = req.uri().path().to_owned();
+    let query = req.uri().query().unwrap_or("").to_owned();
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes().len())
+        .unwrap_or(0);
+    let v = serde_json::json!({
+        "method": method, "path": path, "query": query, "headers": headers, "body_len": body,
+    });
+    let mut r = hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from(v.to_string())));
+    r.headers_mut()
+        .insert("content-type", "application/json".parse().unwrap());
+    r.headers_mut()
+        .insert("x-upstream-hop", "1".parse().unwrap());
+    r.headers_mut()
+        .insert("connection", "x-upstream-hop".parse().unwrap());
+    Ok(r)
+}
+
+fn start_upstream(ip: &str, p: &Pki) -> Upstream {
+    use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let certs = vec![CertificateDer::from_pem_slice(p.leaf_pem.as_bytes()).unwrap()];
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(p.leaf_key_der.clone()));
+    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .unwrap();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind(format!("{ip}:0")))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    rt.spawn(async move {
+        loop {
+            let Ok((s, _)) = listener.accept().await else {
+                continue;
+            };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(s).await else {
+                    return;
+                };
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(
+                        hyper_util::rt::TokioIo::new(tls),
+                        hyper::service::service_fn(echo),
+                    )
+                    .await;
+            });
+        }
+    });
+    Upstream { addr, _rt: rt }
+}
+
+// ---------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------
+
+fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Env {
+    d: TestDaemon,
+    up: Upstream,
+    _up2: Upstream,
+    up2_addr: SocketAddr,
+    ca: PathBuf,
+    gw: u16,
+    fwd: u16,
+    gw_sock: PathBuf,
+}
+
+fn setup() -> Env {
+    let p = pki();
+    let up = start_upstream("127.0.0.1", &p);
+    let up2 = start_upstream("127.0.0.2", &p);
+    let (gw, fwd) = (free_port(), free_port());
+    let extra = format!(
+        r#"
+[rate_plans.tiny]
+per_minute = 2
+burst = 2
+
+[proxy]
+gateway_listen = "127.0.0.1:{gw}"
+gateway_socket = "proxy.sock"
+forward_listen = "127.0.0.1:{fwd}"
+egress_allow = ["*"]
+egress_allow_addresses = ["127.0.0.2"]
+max_request_bytes = 4096
+"#
+    );
+    let d = TestDaemon::start_with(
+        Backend::SoftHsm,
+        &format!("{ROOT_POLICY}\n{PROXY_POLICY}"),
+        &extra,
+    );
+    let ca = d.dir().join("upstream-ca.pem");
+    std::fs::write(&ca, &p.ca_pem).unwrap();
+    let gw_sock = d.dir().join("proxy.sock");
+    let up2_addr = up2.addr;
+    Env {
+        d,
+        up,
+        _up2: up2,
+        up2_addr,
+        ca,
+        gw,
+        fwd,
+        gw_sock,
+    }
+}
+
+fn ok(d: &TestDaemon, args: &[&str], stdin: &[u8]) -> Output {
+    let out = d.run(args, stdin);
+    assert!(
+        out.status.success(),
+        "keyseal {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Issues an API key for `owner`; returns (id, key).
+fn issue(d: &TestDaemon, owner: &str, plan: Option<&str>) -> (String, String) {
+    let mut args = vec!["apikey", "issue", "--owner", owner, "--json"];
+    if let Some(p) = plan {
+        args.extend(["--plan", p]);
+    }
+    let out = ok(d, &args, b"");
+    let key = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let meta: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stderr).trim()).unwrap();
+    (meta["id"].as_str().unwrap().to_owned(), key)
+}
+
+struct Http {
+    status: u16,
+    headers: String,
+    body: String,
+}
+
+impl Http {
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+    fn header(&self, name: &str) -> Option<String> {
+        self.headers.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_owned())
+        })
+    }
+}
+
+fn curl(args: &[&str]) -> Http {
+    let dir = tempfile::tempdir().unwrap();
+    let hdr = dir.path().join("h");
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "15", "-D"])
+        .arg(&hdr)
+        .args(["-w", "\n%{http_code}"])
+        .args(args)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    Http {
+        status: code.trim().parse().unwrap_or(0),
+        headers: std::fs::read_to_string(&hdr).unwrap_or_default(),
+        body: format!("{body}{}", String::from_utf8_lossy(&out.stderr)),
+    }
+}
+
+fn gw_url(e: &Env, path: &str) -> String {
+    format!("http://127.0.0.1:{}/p/{path}", e.gw)
+}
+
+/// A raw CONNECT to the forward proxy; returns the status code.
+fn raw_connect(fwd: u16, target: &str, key: &str) -> u16 {
+    let mut s = StdStream::connect(("127.0.0.1", fwd)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    write!(
+        s,
+        "CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nProxy-Authorization: Bearer {key}\r\n\r\n"
+    )
+    .unwrap();
+    let mut buf = [0u8; 512];
+    let n = s.read(&mut buf).unwrap();
+    let line = String::from_utf8_lossy(&buf[..n]).into_owned();
+    line.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("bad answer to CONNECT {target}: {line}"))
+}
+
+/// Target `vendor` (the echo upstream), credential `vendor-key` holding
+/// `secret`, proxy `vendor` for owner `svc/a` and uid 0, two rules.
+fn configure(e: &Env, secret: &str) {
+    let d = &e.d;
+    let url = format!("https://localhost:{}", e.up.addr.port());
+    let ca = e.ca.to_str().unwrap();
+    ok(
+        d,
+        &[
+            "target",
+            "put",
+            "vendor",
+            "--url",
+            &url,
+            "--ca",
+            ca,
+            "--response-timeout-ms",
+            "1000",
+        ],
+        b"",
+    );
+    ok(
+        d,
+        &[
+            "target",
+            "cred",
+            "put",
+            "vendor-key",
+            "--target",
+            "vendor",
+            "--header",
+            "x-api-key: {}",
+        ],
+        secret.as_bytes(),
+    );
+    ok(
+        d,
+        &[
+            "proxy",
+            "put",
+            "vendor",
+            "--target",
+            "vendor",
+            "--credential",
+            "vendor-key",
+            "--key-owner",
+            "svc/a",
+            "--caller",
+            "uid=0",
+        ],
+        b"",
+    );
+    ok(
+        d,
+        &[
+            "rule",
+            "add",
+            "vendor",
+            "allow-v1",
+            "--priority",
+            "10",
+            "--allow",
+            "--method",
+            "GET",
+            "--path",
+            "/v1/.*",
+        ],
+        b"",
+    );
+    ok(
+        d,
+        &[
+            "rule",
+            "add",
+            "vendor",
+            "deny-admin",
+            "--priority",
+            "10",
+            "--deny",
+            "--path",
+            "/v1/admin(/.*)?",
+        ],
+        b"",
+    );
+    ok(
+        d,
+        &[
+            "rule",
+            "add",
+            "vendor",
+            "allow-admin-late",
+            "--priority",
+            "20",
+            "--allow",
+            "--path",
+            "/v1/admin/.*",
+        ],
+        b"",
+    );
+}
+
+fn assert_no_leak(e: &Env, secrets: &[&str]) {
+    let log = e.d.log_text();
+    assert!(!log.is_empty());
+    for s in secrets {
+        assert!(!log.contains(s), "daemon log contains a secret");
+    }
+    // Every CLI listing either.
+    for args in [
+        &["target", "cred", "ls", "--json"][..],
+        &["proxy", "ls", "--json"],
+        &["proxy", "show", "vendor", "--json"],
+        &["proxy", "requests", "vendor", "--json"],
+    ] {
+        let out = e.d.run(args, b"");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for s in secrets {
+            assert!(!text.contains(s), "keyseal {args:?} printed a secret");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------
+
+#[test]
+fn gateway_injects_strips_and_decides() {
+    let e = setup();
+    let secret = "SECRET-one-7f3a9c";
+    configure(&e, secret);
+    let (_id, key) = issue(&e.d, "svc/a", None);
+    let (_other_id, other_key) = issue(&e.d, "svc/b", None);
+    let bearer = format!("Authorization: Bearer {key}");
+
+    // Injection and stripping, on loopback TCP with a proxy key.
+    let r = curl(&[
+        "-H",
+        &bearer,
+        "-H",
+        "Proxy-Authorization: Basic Zm9vOmJhcg==",
+        "-H",
+        "Connection: x-hop",
+        "-H",
+        "x-hop: 1",
+        "-H",
+        "x-keep: yes",
+        &gw_url(&e, "vendor/v1/items?a=1"),
+    ]);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let j = r.json();
+    assert_eq!(j["headers"]["x-api-key"], secret);
+    assert_eq!(j["path"], "/v1/items");
+    assert_eq!(j["query"], "a=1");
+    assert_eq!(j["headers"]["x-keep"], "yes");
+    assert_eq!(
+        j["headers"]["host"],
+        format!("localhost:{}", e.up.addr.port())
+    );
+    for h in ["authorization", "proxy-authorization", "x-hop"] {
+        assert!(j["headers"].get(h).is_none(), "{h} was forwarded");
+    }
+    assert_eq!(r.header(DECISION).as_deref(), Some("allow; rule=allow-v1"));
+    assert!(
+        r.header("x-upstream-hop").is_none(),
+        "hop-by-hop response header leaked"
+    );
+
+    // The Unix socket: the kernel says who calls (uid 0 is allowed).
+    let r = curl(&[
+        "--unix-socket",
+        e.gw_sock.to_str().unwrap(),
+        "http://localhost/p/vendor/v1/items",
+    ]);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["headers"]["x-api-key"], secret);
+
+    // 401: no key on TCP, a bad key, a key of another owner is 403.
+    let r = curl(&[&gw_url(&e, "vendor/v1/items")]);
+    assert_eq!(r.status, 401);
+    assert!(r.json()["error"].is_string());
+    let r = curl(&[
+        "-H",
+        "Authorization: Bearer ks_live_nope",
+        &gw_url(&e, "vendor/v1/items"),
+    ]);
+    assert_eq!(r.status, 401);
+    let r = curl(&[
+        "-H",
+        &format!("Authorization: Bearer {other_key}"),
+        &gw_url(&e, "vendor/v1/items"),
+    ]);
+    assert_eq!(r.status, 403);
+
+    // Rule matrix over HTTP.
+    let cases: &[(&str, &str, u16, Option<&str>)] = &[
+        ("GET", "vendor/v1/items", 200, Some("allow-v1")),
+        ("GET", "vendor/v1/admin/users", 403, Some("deny-admin")), // deny wins at equal priority
+        ("GET", "vendor/v1/admin", 403, Some("deny-admin")),
+        ("POST", "vendor/v1/items", 403, None), // method not allowed -> default deny
+        ("GET", "vendor/v2/items", 403, None),  // no rule -> default deny
+        ("GET", "vendor/x/v1/items", 403, None), // regex is anchored
+    ];
+    for (m, path, status, rule) in cases {
+        let r = curl(&["-X", m, "-H", &bearer, &gw_url(&e, path)]);
+        assert_eq!(r.status, *status, "{m} {path}: {}", r.body);
+        if *status == 403 {
+            assert_eq!(r.json()["rule"].as_str(), *rule, "{m} {path}");
+        } else {
+            assert_eq!(
+                r.header(DECISION),
+                Some(format!("allow; rule={}", rule.unwrap()))
+            );
+        }
+    }
+    // Dot segments never reach the rules.
+    let r = curl(&[
+        "--path-as-is",
+        "-H",
+        &bearer,
+        &gw_url(&e, "vendor/v1/items/../admin"),
+    ]);
+    assert_eq!(r.status, 400);
+
+    // `keyseal proxy test` explains.
+    let out = ok(
+        &e.d,
+        &[
+            "proxy",
+            "test",
+            "vendor",
+            "GET",
+            "/v1/admin/users",
+            "--json",
+        ],
+        b"",
+    );
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["effect"], "deny");
+    assert_eq!(j["rule"], "deny-admin");
+    let out = ok(&e.d, &["proxy", "test", "vendor", "DELETE", "/v9"], b"");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("default"));
+
+    // Request size limit (4096 bytes).
+    ok(
+        &e.d,
+        &[
+            "rule",
+            "add",
+            "vendor",
+            "allow-post",
+            "--priority",
+            "5",
+            "--allow",
+            "--method",
+            "POST",
+            "--path",
+            "/v1/items",
+        ],
+        b"",
+    );
+    let big = "x".repeat(5000);
+    let r = curl(&[
+        "-H",
+        &bearer,
+        "--data",
+        &big,
+        &gw_url(&e, "vendor/v1/items"),
+    ]);
+    assert_eq!(r.status, 413);
+    let r = curl(&[
+        "-H",
+        &bearer,
+        "--data",
+        "small",
+        &gw_url(&e, "vendor/v1/items"),
+    ]);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["body_len"], 5);
+
+    // 504: the upstream answers after the target's 1 s response timeout.
+    let r = curl(&["-H", &bearer, &gw_url(&e, "vendor/v1/slow")]);
+    assert_eq!(r.status, 504, "{}", r.body);
+
+    // 502: an upstream that is not there.
+    let dead = free_port();
+    ok(
+        &e.d,
+        &[
+            "target",
+            "put",
+            "dead",
+            "--url",
+            &format!("https://127.0.0.1:{dead}"),
+            "--ca",
+            e.ca.to_str().unwrap(),
+        ],
+        b"",
+    );
+    ok(
+        &e.d,
+        &[
+            "proxy",
+            "put",
+            "dead",
+            "--target",
+            "dead",
+            "--default",
+            "allow",
+            "--key-owner",
+            "svc/a",
+        ],
+        b"",
+    );
+    let r = curl(&["-H", &bearer, &gw_url(&e, "dead/anything")]);
+    assert_eq!(r.status, 502, "{}", r.body);
+
+    // 429 from the proxy's rate plan (2 per minute, burst 2).
+    ok(
+        &e.d,
+        &[
+            "proxy",
+            "put",
+            "tiny",
+            "--target",
+            "vendor",
+            "--credential",
+            "vendor-key",
+            "--default",
+            "allow",
+            "--rate-plan",
+            "tiny",
+            "--key-owner",
+            "svc/a",
+        ],
+        b"",
+    );
+    for _ in 0..2 {
+        let r = curl(&["-H", &bearer, &gw_url(&e, "tiny/x")]);
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert!(r.header("x-ratelimit-limit").is_some());
+    }
+    let r = curl(&["-H", &bearer, &gw_url(&e, "tiny/x")]);
+    assert_eq!(r.status, 429);
+    assert_eq!(r.header("x-ratelimit-limit").as_deref(), Some("2"));
+    assert_eq!(r.header("x-ratelimit-remaining").as_deref(), Some("0"));
+    assert!(r.header("x-ratelimit-reset").is_some());
+    assert!(r.header("retry-after").unwrap().parse::<u64>().unwrap() >= 1);
+    let j = r.json();
+    for f in [
+        "error",
+        "limit",
+        "current_usage",
+        "reset_time",
+        "retry_after",
+    ] {
+        assert!(!j[f].is_null(), "429 body lacks {f}: {j}");
+    }
+    assert_eq!(j["limit"], 2);
+    assert_eq!(j["current_usage"], 2);
+
+    // Request log: queryable by proxy and time; key id, never the key.
+    let out = ok(&e.d, &["proxy", "requests", "vendor", "--json"], b"");
+    let log: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(log.len() >= 10, "{log:?}");
+    assert!(log
+        .iter()
+        .any(|l| l["decision"] == "deny" && l["rule"] == "deny-admin" && l["status"] == 403));
+    assert!(log.iter().any(|l| l["decision"] == "allow"
+        && l["status"] == 200
+        && l["bytes_out"].as_u64().unwrap() > 0));
+    assert!(log
+        .iter()
+        .any(|l| l["caller"].as_str().unwrap().starts_with("key:ak_")));
+    assert!(log
+        .iter()
+        .any(|l| l["caller"].as_str().unwrap().starts_with("uid=0")));
+    let future = (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600)
+        .to_string();
+    let out = ok(
+        &e.d,
+        &[
+            "proxy",
+            "requests",
+            "vendor",
+            "--processed-after",
+            &future,
+            "--json",
+        ],
+        b"",
+    );
+    let none: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(none.is_empty());
+
+    assert_no_leak(&e, &[secret, &key, &other_key]);
+}
+
+const DECISION: &str = "keyseal-decision";
+
+#[test]
+fn rotation_deletion_and_revocation() {
+    let e = setup();
+    let (s1, s2) = ("ROTATE-old-51e2", "ROTATE-new-9d04");
+    configure(&e, s1);
+    let (id, key) = issue(&e.d, "svc/a", None);
+    let bearer = format!("Authorization: Bearer {key}");
+    ok(
+        &e.d,
+        &[
+            "target",
+            "cred",
+            "put",
+            "vendor-key-2",
+            "--target",
+            "vendor",
+            "--header",
+            "x-api-key: {}",
+        ],
+        s2.as_bytes(),
+    );
+
+    // Load: 4 clients, keep-alive, 40 requests each, while the proxy is
+    // repointed at the new credential and the old one is deleted.
+    let url = gw_url(&e, "vendor/v1/items");
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let (url, bearer) = (url.clone(), bearer.clone());
+            std::thread::spawn(move || {
+                let mut args = vec![
+                    "-sS".to_string(),
+                    "--max-time".into(),
+                    "30".into(),
+                    "-H".into(),
+                    bearer,
+                ];
+                for _ in 0..40 {
+                    args.extend(["-w".into(), "\n%{http_code}\n".into(), url.clone()]);
+                }
+                let out = Command::new("curl").args(&args).output().unwrap();
+                String::from_utf8_lossy(&out.stdout).into_owned()
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    ok(
+        &e.d,
+        &[
+            "proxy",
+            "put",
+            "vendor",
+            "--target",
+            "vendor",
+            "--credential",
+            "vendor-key-2",
+            "--key-owner",
+            "svc/a",
+            "--caller",
+            "uid=0",
+        ],
+        b"",
+    );
+    ok(&e.d, &["target", "cred", "rm", "vendor-key"], b"");
+    let mut seen = (0, 0);
+    for c in clients {
+        let text = c.join().unwrap();
+        let codes: Vec<&str> = text
+            .lines()
+            .filter(|l| l.len() == 3 && l.bytes().all(|b| b.is_ascii_digit()))
+            .collect();
+        assert_eq!(codes.len(), 40, "{text}");
+        assert!(
+            codes.iter().all(|c| *c == "200"),
+            "a request failed during rotation: {codes:?}"
+        );
+        seen.0 += text.matches(s1).count();
+        seen.1 += text.matches(s2).count();
+    }
+    assert_eq!(seen.0 + seen.1, 160);
+    let r = curl(&["-H", &bearer, &url]);
+    assert_eq!(r.json()["headers"]["x-api-key"], s2);
+
+    // Deleting the credential in use blocks the proxy at once.
+    ok(&e.d, &["target", "cred", "rm", "vendor-key-2"], b"");
+    let r = curl(&["-H", &bearer, &url]);
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(!r.body.contains(s2));
+
+    // Revoking the proxy key blocks its next request.
+    ok(
+        &e.d,
+        &[
+            "proxy",
+            "put",
+            "vendor",
+            "--target",
+            "vendor",
+            "--key-owner",
+            "svc/a",
+        ],
+        b"",
+    );
+    let r = curl(&["-H", &bearer, &url]);
+    assert_eq!(r.status, 200);
+    ok(&e.d, &["apikey", "revoke", &id], b"");
+    let r = curl(&["-H", &bearer, &url]);
+    assert_eq!(r.status, 401);
+
+    assert_no_leak(&e, &[s1, s2, &key]);
+}
+
+#[test]
+fn forward_proxy_and_connect_guards() {
+    let e = setup();
+    let secret = "FORWARD-secret-c0ffee";
+    configure(&e, secret);
+    let (_id, key) = issue(&e.d, "svc/a", None);
+    let fwd = format!("http://127.0.0.1:{}", e.fwd);
+    let target = format!("http://localhost:{}/v1/items?q=2", e.up.addr.port());
+
+    // HTTP_PROXY user: absolute-form request, matched to the target by
+    // host, sent over TLS with the credential injected.
+    let r = curl(&["-x", &fwd, "-U", &format!("svc:{key}"), &target]);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let j = r.json();
+    assert_eq!(j["headers"]["x-api-key"], secret);
+    assert!(j["headers"].get("proxy-authorization").is_none());
+    assert_eq!(j["query"], "q=2");
+    // 407 without or with a bad Proxy-Authorization.
+    let r = curl(&["-x", &fwd, &target]);
+    assert_eq!(r.status, 407);
+    assert!(r.header("proxy-authenticate").is_some());
+    let r = curl(&["-x", &fwd, "-U", "svc:ks_live_bad", &target]);
+    assert_eq!(r.status, 407);
+    // A host with no target is refused (not an open proxy).
+    let r = curl(&[
+        "-x",
+        &fwd,
+        "-U",
+        &format!("svc:{key}"),
+        "http://unknown.example/",
+    ]);
+    assert_eq!(r.status, 403);
+
+    // CONNECT: internal addresses refused after normalisation/resolution.
+    let port = e.up.addr.port();
+    for t in [
+        format!("127.0.0.1:{port}"),
+        "169.254.169.254:80".to_string(),
+        "10.0.0.1:443".to_string(),
+        format!("0x7f.1:{port}"),
+        format!("0177.0.0.1:{port}"),
+        format!("2130706433:{port}"),
+        format!("localhost:{port}"),
+        format!("[::1]:{port}"),
+        format!("[::ffff:127.0.0.1]:{port}"),
+        "[fd00:ec2::254]:80".to_string(),
+        "100.64.0.1:443".to_string(),
+    ] {
+        assert_eq!(
+            raw_connect(e.fwd, &t, &key),
+            403,
+            "CONNECT {t} must be refused"
+        );
+    }
+    assert_eq!(raw_connect(e.fwd, "127.0.0.2:1", "ks_live_bad"), 407);
+
+    // The explicitly allowed address tunnels (no injection: TLS end to end).
+    let r = curl(&[
+        "-x",
+        &fwd,
+        "-U",
+        &format!("svc:{key}"),
+        "--cacert",
+        e.ca.to_str().unwrap(),
+        &format!("https://127.0.0.2:{}/tunnelled", e.up2_addr.port()),
+    ]);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let j = r.json();
+    assert_eq!(j["path"], "/tunnelled");
+    assert!(j["headers"].get("x-api-key").is_none());
+
+    let log = e.d.log_text();
+    assert!(log.contains("CONNECT refused"));
+    assert_no_leak(&e, &[secret, &key]);
+}
