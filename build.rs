@@ -14,11 +14,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ])
         // Carries a target credential's value (src/api/proxy_svc.rs).
         .skip_debug(["keyseal.v1.PutCredentialRequest"])
+        .skip_debug(["keyseal.v1.AuditHashRequest"])
         .compile_protos(
             &[
                 "proto/keyseal/v1/secrets.proto",
                 "proto/keyseal/v1/system.proto",
                 "proto/keyseal/v1/keys.proto",
+                "proto/keyseal/v1/audit.proto",
                 "proto/keyseal/v1/apikeys.proto",
                 "proto/keyseal/v1/proxy.proto",
             ],

@@ -5,6 +5,7 @@ use std::path::Path;
 
 use tonic::transport::{Channel, Endpoint};
 
+use crate::api::pb::audit_client::AuditClient;
 use crate::api::pb::{
     keys_client::KeysClient, secrets_client::SecretsClient, system_client::SystemClient,
 };
@@ -26,6 +27,7 @@ pub struct Client {
     pub secrets: SecretsClient<Channel>,
     pub system: SystemClient<Channel>,
     pub keys: KeysClient<Channel>,
+    pub audit: AuditClient<Channel>,
 }
 
 impl Client {
@@ -36,6 +38,7 @@ impl Client {
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
             system: SystemClient::new(ch.clone()),
+            audit: AuditClient::new(ch.clone()),
             keys: KeysClient::new(ch),
         })
     }

@@ -48,6 +48,19 @@ struct RawConfig {
     rate_plans: std::collections::BTreeMap<String, crate::apikeys::RawRatePlan>,
     #[serde(default)]
     proxy: crate::proxy::RawProxyConfig,
+    #[serde(default)]
+    audit: RawAudit,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    origin: Option<String>,
+    checkpoint_every_events: Option<u64>,
+    checkpoint_interval_secs: Option<u64>,
+    deadline_ms: Option<u64>,
+    /// For measurement only: turns the audit log off. Must be spelled out.
+    unsafe_disable: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -156,6 +169,10 @@ pub struct Config {
     pub apikeys: crate::apikeys::ApiKeysConfig,
     /// `[proxy]` (see `docs/proxy.md`).
     pub proxy: crate::proxy::ProxyConfig,
+    /// `[audit]` (see `docs/auditing.md`).
+    pub audit: crate::audit::AuditConfig,
+    /// `audit.unsafe_disable = true`: no audit log at all (benchmarks only).
+    pub audit_unsafe_disable: bool,
 }
 
 impl Config {
@@ -308,7 +325,41 @@ impl Config {
         let apikeys =
             crate::apikeys::ApiKeysConfig::from_raw(raw.apikeys, raw.rate_plans).map_err(err)?;
         let proxy = crate::proxy::ProxyConfig::from_raw(raw.proxy, base).map_err(err)?;
+        let mut audit = crate::audit::AuditConfig::default();
+        if let Some(o) = raw.audit.origin {
+            if o.is_empty() || o.contains('\n') || o.len() > 255 {
+                return Err(err(
+                    "audit.origin must be one line of 1 to 255 characters".into()
+                ));
+            }
+            audit.origin = Some(o);
+        }
+        if let Some(n) = raw.audit.checkpoint_every_events {
+            if n == 0 {
+                return Err(err(
+                    "audit.checkpoint_every_events must be at least 1".into()
+                ));
+            }
+            audit.checkpoint_every_events = n;
+        }
+        if let Some(t) = raw.audit.checkpoint_interval_secs {
+            if t == 0 {
+                return Err(err(
+                    "audit.checkpoint_interval_secs must be at least 1".into()
+                ));
+            }
+            audit.checkpoint_interval = Duration::from_secs(t);
+        }
+        if let Some(d) = raw.audit.deadline_ms {
+            if !(10..=60_000).contains(&d) {
+                return Err(err("audit.deadline_ms must be between 10 and 60000".into()));
+            }
+            audit.deadline = Duration::from_millis(d);
+        }
+        let audit_unsafe_disable = raw.audit.unsafe_disable.unwrap_or(false);
         Ok(Config {
+            audit,
+            audit_unsafe_disable,
             apikeys,
             proxy,
             root,

@@ -268,6 +268,10 @@ pub async fn serve(
     let keys = crate::api::pb::keys_server::KeysServer::new(crate::api::keys_svc::KeysService {
         state: state.clone(),
     });
+    let audit =
+        crate::api::pb::audit_server::AuditServer::new(crate::api::audit_svc::AuditService {
+            state: state.clone(),
+        });
     let mut builder = tonic::transport::Server::builder().trace_fn(|req| {
         let caller = req.extensions().get::<Caller>();
         tracing::info_span!(
@@ -283,6 +287,7 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(secrets)
         .add_service(keys)
+        .add_service(audit)
         .add_service(system);
     let router = router.add_service(ApiKeysServer::new(ApiKeysService {
         state: state.clone(),

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use common::{Backend, Fixture};
-use keyseal::audit::merkle::verify_consistency;
+use keyseal::audit::merkle::{leaf_hash, verify_consistency, verify_inclusion, CompactRange};
 use keyseal::audit::{
     verify_bundle, verify_bundle_with, Actor, ActorKind, AuditConfig, AuditError, AuditEvent,
     AuditLog, EventFilter, EventProblem, EventRange, ExportOptions, Fault, NewEvent, Outcome,
@@ -525,10 +525,33 @@ fn restart_continues_the_log(b: Backend) {
         Err(AuditError::Closed)
     ));
     drop(log);
+    // What an interrupted batch could leave behind: keys past the recorded
+    // size (never acknowledged). Open removes them.
+    for (tree, key, value) in [
+        (
+            "audit_events",
+            11u64.to_be_bytes().to_vec(),
+            b"garbage".to_vec(),
+        ),
+        ("audit_leaves", 11u64.to_be_bytes().to_vec(), vec![9u8; 32]),
+        (
+            "audit_nodes",
+            [&[4u8][..], &0u64.to_be_bytes()].concat(),
+            vec![9u8; 32],
+        ),
+    ] {
+        s.store()
+            .db
+            .open_tree(tree)
+            .unwrap()
+            .insert(key, value)
+            .unwrap();
+    }
     drop(s);
 
     let s = f.reopen();
     let log = AuditLog::open(&s, cfg()).unwrap();
+    assert!(log.event(11).unwrap().is_none());
     assert_eq!(log.head(), head);
     assert_eq!(log.origin(), origin);
     assert_eq!(log.public_key().to_pem(), pem);
@@ -607,10 +630,49 @@ fn stalled_writes_fail_within_the_deadline(b: Backend) {
     assert_eq!(log.append_blocking(ev(6)).unwrap(), 5);
 }
 
+/// The right edge of the tree of the first `size` events, from their bytes.
+fn rebuild(log: &AuditLog, size: u64) -> CompactRange {
+    let mut cr = CompactRange::new();
+    for seq in 1..=size {
+        let e = log.event(seq).unwrap().unwrap();
+        cr.append(leaf_hash(&e.encode().unwrap()), |_, _| {});
+    }
+    cr
+}
+
+/// Roots and proofs from the store, checked against a tree rebuilt
+/// independently from the event bytes after `prefix` (the right edge of the
+/// events before them).
+fn check_proofs(log: &AuditLog, prefix: &CompactRange) {
+    let size = log.head().size;
+    let from = prefix.size() + 1;
+    let mut cr = prefix.clone();
+    let mut leaves = Vec::new();
+    for seq in from..=size {
+        let e = log.event(seq).unwrap().unwrap();
+        let l = leaf_hash(&e.encode().unwrap());
+        leaves.push(l);
+        cr.append(l, |_, _| {});
+        assert_eq!(log.root_at(seq).unwrap(), cr.root(), "root at {seq}");
+    }
+    let root = log.head().root;
+    assert_eq!(cr.root(), root);
+    for seq in from..=size {
+        let p = log.inclusion_proof(seq, size).unwrap();
+        let leaf = leaves[(seq - from) as usize];
+        assert!(verify_inclusion(seq - 1, size, &leaf, &p, &root));
+    }
+    for old in (from - 1..=size).step_by(7) {
+        let p = log.consistency_proof(old, size).unwrap();
+        let old_root = log.root_at(old).unwrap();
+        assert!(verify_consistency(old, size, &old_root, &root, &p));
+    }
+}
+
 fn prune_keeps_the_rest_verifiable(b: Backend) {
     let (f, s) = Fixture::new(b);
     let log = AuditLog::open(&s, cfg()).unwrap();
-    fill(&log, 1, 50);
+    fill(&log, 1, 150);
     assert!(matches!(
         log.prune_before(20),
         Err(AuditError::NotExported {
@@ -621,29 +683,40 @@ fn prune_keeps_the_rest_verifiable(b: Backend) {
     let first = export(
         &log,
         f.dir.path(),
-        EventRange::Seqs { first: 1, last: 30 },
+        EventRange::Seqs {
+            first: 1,
+            last: 100,
+        },
         None,
     );
     let m1: serde_json::Value =
         serde_json::from_slice(&std::fs::read(first.join("manifest.json")).unwrap()).unwrap();
     let cp1 = m1["checkpoint"].as_str().unwrap().to_owned();
-    assert_eq!(log.stats().exported_size, 50);
+    assert_eq!(log.stats().exported_size, 150);
     assert!(matches!(
-        log.prune_before(52),
+        log.prune_before(152),
         Err(AuditError::NotExported { .. })
     ));
-    let p = log.prune_before(25).unwrap();
-    assert_eq!(p.pruned, 24);
-    assert_eq!(p.events_removed, 24);
-    assert!(log.event(24).unwrap().is_none());
-    assert!(log.event(25).unwrap().is_some());
-    assert_eq!(log.first_seq(), 25);
-    fill(&log, 51, 10);
+    // 76 = 64 + 8 + 4: the pruned prefix is three subtrees.
+    let root_76 = log.root_at(76).unwrap();
+    let prefix = rebuild(&log, 76);
+    assert_eq!(prefix.root(), root_76);
+    let p = log.prune_before(77).unwrap();
+    assert_eq!(p.pruned, 76);
+    assert_eq!(p.events_removed, 76);
+    assert!(log.event(76).unwrap().is_none());
+    assert!(log.event(77).unwrap().is_some());
+    assert_eq!(log.first_seq(), 77);
+    assert_eq!(log.stats().pruned, 76);
+    assert_eq!(log.root_at(76).unwrap(), root_76);
+    assert!(matches!(log.root_at(75), Err(AuditError::Pruned(_))));
+    fill(&log, 151, 10);
+    check_proofs(&log, &prefix);
 
     let out = export(&log, f.dir.path(), EventRange::All, Some(cp1.clone()));
     let r = verify_bundle(&out).unwrap();
-    assert_eq!((r.first_seq, r.last_seq), (Some(25), Some(60)));
-    assert_eq!(r.consistent_from, Some(50));
+    assert_eq!((r.first_seq, r.last_seq), (Some(77), Some(160)));
+    assert_eq!(r.consistent_from, Some(150));
     assert!(matches!(
         log.export(
             &ExportOptions {
@@ -656,28 +729,36 @@ fn prune_keeps_the_rest_verifiable(b: Backend) {
             },
             &f.dir.path().join("pruned")
         ),
-        Err(AuditError::Pruned(25))
+        Err(AuditError::Pruned(77))
     ));
-    // Proofs for what remains still work, and survive a restart.
+    // Proofs for what remains survive a restart.
     let head = log.head();
-    log.inclusion_proof(25, head.size).unwrap();
     drop(log);
     drop(s);
     let s = f.reopen();
     let log = AuditLog::open(&s, cfg()).unwrap();
     assert_eq!(log.head(), head);
-    assert_eq!(log.first_seq(), 25);
-    fill(&log, 61, 3);
+    assert_eq!(log.first_seq(), 77);
+    fill(&log, 161, 3);
+    check_proofs(&log, &prefix);
     let out = export(
         &log,
         f.dir.path(),
         EventRange::Seqs {
-            first: 40,
-            last: 62,
+            first: 90,
+            last: 162,
         },
         Some(cp1),
     );
     verify_bundle(&out).unwrap();
+}
+
+/// Proofs straight from the store on a tree with many stored subtrees.
+fn proofs_from_the_store(b: Backend) {
+    let (_f, s) = Fixture::new(b);
+    let log = AuditLog::open(&s, cfg()).unwrap();
+    fill(&log, 1, 300);
+    check_proofs(&log, &CompactRange::new());
 }
 
 fn empty_and_time_ranges(b: Backend) {
@@ -929,6 +1010,7 @@ both_backends!(
     restart_continues_the_log,
     stalled_writes_fail_within_the_deadline,
     prune_keeps_the_rest_verifiable,
+    proofs_from_the_store,
     empty_and_time_ranges,
     auditor_procedure_from_the_docs,
     measure,

@@ -121,34 +121,43 @@ impl ApiKeysRpc for ApiKeysService {
         &self,
         req: Request<pb::IssueApiKeyRequest>,
     ) -> Result<Response<pb::IssueApiKeyResponse>, Status> {
-        let who = caller(&req)?;
-        let r = req.into_inner();
-        parse_owner(&r.owner)?;
-        self.state
-            .authorize(&who, Capability::ApiKeyAdmin, &r.owner)?;
-        let issue = IssueRequest {
-            owner: r.owner,
-            scopes: r.scopes,
-            env: r.env,
-            expires_in: r.expires_in_secs.map(Duration::from_secs),
-            cidrs: r.allowed_cidrs,
-            plan: r.rate_plan,
-            labels: r.labels.into_iter().collect(),
-            rotate_after: r.rotate_after_secs.map(Duration::from_secs),
-        };
-        let actor = who.identity.actor();
-        let t = secs(now());
-        let issued = self.blocking(move |a| a.issue(&actor, &issue, t)).await?;
-        Ok(Response::new(pb::IssueApiKeyResponse {
-            key: issued.token.expose().to_owned(),
-            meta: Some(meta_pb(&issued.record, t)),
-        }))
+        let audit = self
+            .state
+            .audit_ctx(&req, "apikey.issue", Some(req.get_ref().owner.as_str()));
+        let res: Result<Response<pb::IssueApiKeyResponse>, Status> = async move {
+            let who = caller(&req)?;
+            let r = req.into_inner();
+            parse_owner(&r.owner)?;
+            self.state
+                .authorize(&who, Capability::ApiKeyAdmin, &r.owner)?;
+            let issue = IssueRequest {
+                owner: r.owner,
+                scopes: r.scopes,
+                env: r.env,
+                expires_in: r.expires_in_secs.map(Duration::from_secs),
+                cidrs: r.allowed_cidrs,
+                plan: r.rate_plan,
+                labels: r.labels.into_iter().collect(),
+                rotate_after: r.rotate_after_secs.map(Duration::from_secs),
+            };
+            let actor = who.identity.actor();
+            let t = secs(now());
+            let issued = self.blocking(move |a| a.issue(&actor, &issue, t)).await?;
+            Ok(Response::new(pb::IssueApiKeyResponse {
+                key: issued.token.expose().to_owned(),
+                meta: Some(meta_pb(&issued.record, t)),
+            }))
+        }
+        .await;
+        self.state.audited(audit, res).await
     }
 
     async fn verify(
         &self,
         req: Request<pb::VerifyApiKeyRequest>,
     ) -> Result<Response<pb::VerifyApiKeyResponse>, Status> {
+        let audit = self.state.audit_ctx(&req, "apikey.verify", None);
+        let res: Result<Response<pb::VerifyApiKeyResponse>, Status> = async move {
         let who = caller(&req)?;
         let mut r = req.into_inner();
         let key = Zeroizing::new(std::mem::take(&mut r.key));
@@ -219,105 +228,145 @@ impl ApiKeysRpc for ApiKeysService {
                 missing_scopes: v.missing_scopes,
             },
         }))
+        }
+        .await;
+        self.state.audited(audit, res).await
     }
 
     async fn list(
         &self,
         req: Request<pb::ListApiKeysRequest>,
     ) -> Result<Response<pb::ListApiKeysResponse>, Status> {
-        let who = caller(&req)?;
-        let r = req.into_inner();
-        let owner = if r.owner.is_empty() {
-            None
-        } else {
-            parse_owner(&r.owner)?;
-            self.state
-                .authorize(&who, Capability::ApiKeyAdmin, &r.owner)?;
-            Some(r.owner)
-        };
-        let filter = ListFilter {
-            owner,
-            due: r.due,
-            include_inactive: r.include_inactive,
-            after: (!r.page_token.is_empty()).then_some(r.page_token),
-            limit: r.page_size as usize,
-        };
-        let may = self.may(&who, Capability::ApiKeyAdmin)?;
-        let t = secs(now());
-        let (keys, next) = self.blocking(move |a| a.list(&filter, t, &*may)).await?;
-        Ok(Response::new(pb::ListApiKeysResponse {
-            keys: keys.iter().map(|k| meta_pb(k, t)).collect(),
-            next_page_token: next.unwrap_or_default(),
-        }))
+        let audit = self
+            .state
+            .audit_ctx(&req, "apikey.list", Some(req.get_ref().owner.as_str()));
+        let res: Result<Response<pb::ListApiKeysResponse>, Status> = async move {
+            let who = caller(&req)?;
+            let r = req.into_inner();
+            let owner = if r.owner.is_empty() {
+                None
+            } else {
+                parse_owner(&r.owner)?;
+                self.state
+                    .authorize(&who, Capability::ApiKeyAdmin, &r.owner)?;
+                Some(r.owner)
+            };
+            let filter = ListFilter {
+                owner,
+                due: r.due,
+                include_inactive: r.include_inactive,
+                after: (!r.page_token.is_empty()).then_some(r.page_token),
+                limit: r.page_size as usize,
+            };
+            let may = self.may(&who, Capability::ApiKeyAdmin)?;
+            let t = secs(now());
+            let (keys, next) = self.blocking(move |a| a.list(&filter, t, &*may)).await?;
+            Ok(Response::new(pb::ListApiKeysResponse {
+                keys: keys.iter().map(|k| meta_pb(k, t)).collect(),
+                next_page_token: next.unwrap_or_default(),
+            }))
+        }
+        .await;
+        self.state.audited(audit, res).await
     }
 
     async fn get(
         &self,
         req: Request<pb::GetApiKeyRequest>,
     ) -> Result<Response<pb::ApiKeyMeta>, Status> {
-        let who = caller(&req)?;
-        let id = req.into_inner().id;
-        let may = self.may(&who, Capability::ApiKeyAdmin)?;
-        let rec = self.blocking(move |a| a.get(&id, &*may)).await?;
-        Ok(Response::new(meta_pb(&rec, secs(now()))))
+        let audit = self
+            .state
+            .audit_ctx(&req, "apikey.get", Some(req.get_ref().id.as_str()));
+        let res: Result<Response<pb::ApiKeyMeta>, Status> = async move {
+            let who = caller(&req)?;
+            let id = req.into_inner().id;
+            let may = self.may(&who, Capability::ApiKeyAdmin)?;
+            let rec = self.blocking(move |a| a.get(&id, &*may)).await?;
+            Ok(Response::new(meta_pb(&rec, secs(now()))))
+        }
+        .await;
+        self.state.audited(audit, res).await
     }
 
     async fn rotate(
         &self,
         req: Request<pb::RotateApiKeyRequest>,
     ) -> Result<Response<pb::RotateApiKeyResponse>, Status> {
-        let who = caller(&req)?;
-        let r = req.into_inner();
-        let may = self.may(&who, Capability::ApiKeyAdmin)?;
-        let actor = who.identity.actor();
-        let t = secs(now());
-        let overlap = r.overlap_secs.map(Duration::from_secs);
-        let rot = self
-            .blocking(move |a| a.rotate(&actor, &r.id, overlap, t, &*may))
-            .await?;
-        Ok(Response::new(pb::RotateApiKeyResponse {
-            key: rot.token.expose().to_owned(),
-            meta: Some(meta_pb(&rot.record, t)),
-            predecessor: Some(meta_pb(&rot.predecessor, t)),
-        }))
+        let audit = self
+            .state
+            .audit_ctx(&req, "apikey.rotate", Some(req.get_ref().id.as_str()));
+        let res: Result<Response<pb::RotateApiKeyResponse>, Status> = async move {
+            let who = caller(&req)?;
+            let r = req.into_inner();
+            let may = self.may(&who, Capability::ApiKeyAdmin)?;
+            let actor = who.identity.actor();
+            let t = secs(now());
+            let overlap = r.overlap_secs.map(Duration::from_secs);
+            let rot = self
+                .blocking(move |a| a.rotate(&actor, &r.id, overlap, t, &*may))
+                .await?;
+            Ok(Response::new(pb::RotateApiKeyResponse {
+                key: rot.token.expose().to_owned(),
+                meta: Some(meta_pb(&rot.record, t)),
+                predecessor: Some(meta_pb(&rot.predecessor, t)),
+            }))
+        }
+        .await;
+        self.state.audited(audit, res).await
     }
 
     async fn revoke(
         &self,
         req: Request<pb::RevokeApiKeyRequest>,
     ) -> Result<Response<pb::RevokeApiKeyResponse>, Status> {
-        let who = caller(&req)?;
-        let id = req.into_inner().id;
-        let may = self.may(&who, Capability::ApiKeyAdmin)?;
-        let actor = who.identity.actor();
-        let t = secs(now());
-        let (rec, already) = self
-            .blocking(move |a| a.revoke(&actor, &id, t, &*may))
-            .await?;
-        Ok(Response::new(pb::RevokeApiKeyResponse {
-            meta: Some(meta_pb(&rec, t)),
-            already_revoked: already,
-        }))
+        let audit = self
+            .state
+            .audit_ctx(&req, "apikey.revoke", Some(req.get_ref().id.as_str()));
+        let res: Result<Response<pb::RevokeApiKeyResponse>, Status> = async move {
+            let who = caller(&req)?;
+            let id = req.into_inner().id;
+            let may = self.may(&who, Capability::ApiKeyAdmin)?;
+            let actor = who.identity.actor();
+            let t = secs(now());
+            let (rec, already) = self
+                .blocking(move |a| a.revoke(&actor, &id, t, &*may))
+                .await?;
+            Ok(Response::new(pb::RevokeApiKeyResponse {
+                meta: Some(meta_pb(&rec, t)),
+                already_revoked: already,
+            }))
+        }
+        .await;
+        self.state.audited(audit, res).await
     }
 
     async fn revoke_owner(
         &self,
         req: Request<pb::RevokeOwnerApiKeysRequest>,
     ) -> Result<Response<pb::RevokeOwnerApiKeysResponse>, Status> {
-        let who = caller(&req)?;
-        let owner = req.into_inner().owner;
-        parse_owner(&owner)?;
-        self.state
-            .authorize(&who, Capability::ApiKeyAdmin, &owner)?;
-        let actor = who.identity.actor();
-        let t = secs(now());
-        let ids = self
-            .blocking(move |a| a.revoke_owner(&actor, &owner, t))
-            .await?;
-        Ok(Response::new(pb::RevokeOwnerApiKeysResponse {
-            revoked: ids.len() as u64,
-            ids,
-        }))
+        let audit = self.state.audit_ctx(
+            &req,
+            "apikey.revoke_owner",
+            Some(req.get_ref().owner.as_str()),
+        );
+        let res: Result<Response<pb::RevokeOwnerApiKeysResponse>, Status> = async move {
+            let who = caller(&req)?;
+            let owner = req.into_inner().owner;
+            parse_owner(&owner)?;
+            self.state
+                .authorize(&who, Capability::ApiKeyAdmin, &owner)?;
+            let actor = who.identity.actor();
+            let t = secs(now());
+            let ids = self
+                .blocking(move |a| a.revoke_owner(&actor, &owner, t))
+                .await?;
+            Ok(Response::new(pb::RevokeOwnerApiKeysResponse {
+                revoked: ids.len() as u64,
+                ids,
+            }))
+        }
+        .await;
+        self.state.audited(audit, res).await
     }
 }
 

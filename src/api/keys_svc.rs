@@ -140,174 +140,242 @@ impl KeysApi for KeysService {
         &self,
         req: Request<pb::CreateKeyRequest>,
     ) -> Result<Response<pb::KeyInfo>, Status> {
-        let who = caller(&req)?;
-        let r = req.into_inner();
-        let name = parse_name(&r.name)?;
-        let alg = SignAlg::parse(&r.algorithm).ok_or_else(|| {
-            Status::invalid_argument(
-                "algorithm must be \"ecdsa-p256\", \"ed25519\" or \"rsa-pss-3072\"",
-            )
-        })?;
-        self.state
-            .authorize(&who, Capability::KeyAdmin, name.as_str())?;
-        let ctx = OpCtx::new(who.identity.actor());
-        let rec = self
-            .keys(move |k| k.create(&name, alg, &ctx.actor, ctx.now))
-            .await?;
-        tracing::info!(key = %rec.name, alg = rec.alg.as_str(), "signing key created");
-        Ok(Response::new(info(rec)?))
+        let audit = self
+            .state
+            .audit_ctx(&req, "key.create", Some(req.get_ref().name.as_str()));
+        let res: Result<Response<pb::KeyInfo>, Status> = async move {
+            let who = caller(&req)?;
+            let r = req.into_inner();
+            let name = parse_name(&r.name)?;
+            let alg = SignAlg::parse(&r.algorithm).ok_or_else(|| {
+                Status::invalid_argument(
+                    "algorithm must be \"ecdsa-p256\", \"ed25519\" or \"rsa-pss-3072\"",
+                )
+            })?;
+            self.state
+                .authorize(&who, Capability::KeyAdmin, name.as_str())?;
+            let ctx = OpCtx::new(who.identity.actor());
+            let rec = self
+                .keys(move |k| k.create(&name, alg, &ctx.actor, ctx.now))
+                .await?;
+            tracing::info!(key = %rec.name, alg = rec.alg.as_str(), "signing key created");
+            Ok(Response::new(info(rec)?))
+        }
+        .await;
+        self.state.audited(audit, res).await
     }
 
     async fn list(
         &self,
         req: Request<pb::ListKeysRequest>,
     ) -> Result<Response<pb::ListKeysResponse>, Status> {
-        let who = caller(&req)?;
-        let prefix = req.into_inner().prefix;
-        crate::name::check_prefix(&prefix)
-            .map_err(|e| Status::invalid_argument(format!("invalid prefix: {e}")))?;
-        let recs = self.keys(move |k| k.list(&prefix)).await?;
-        let p = self.state.policy.current();
-        let mut keys = Vec::new();
-        for rec in recs {
-            if p.check(&who.identity, Capability::KeySign, &rec.name)
-                .allowed
-                || p.check(&who.identity, Capability::KeyAdmin, &rec.name)
+        let audit = self
+            .state
+            .audit_ctx(&req, "key.list", Some(req.get_ref().prefix.as_str()));
+        let res: Result<Response<pb::ListKeysResponse>, Status> = async move {
+            let who = caller(&req)?;
+            let prefix = req.into_inner().prefix;
+            crate::name::check_prefix(&prefix)
+                .map_err(|e| Status::invalid_argument(format!("invalid prefix: {e}")))?;
+            let recs = self.keys(move |k| k.list(&prefix)).await?;
+            let p = self.state.policy.current();
+            let mut keys = Vec::new();
+            for rec in recs {
+                if p.check(&who.identity, Capability::KeySign, &rec.name)
                     .allowed
-            {
-                keys.push(info(rec)?);
+                    || p.check(&who.identity, Capability::KeyAdmin, &rec.name)
+                        .allowed
+                {
+                    keys.push(info(rec)?);
+                }
             }
+            Ok(Response::new(pb::ListKeysResponse { keys }))
         }
-        Ok(Response::new(pb::ListKeysResponse { keys }))
+        .await;
+        self.state.audited(audit, res).await
     }
 
     async fn get(&self, req: Request<pb::KeyNameRequest>) -> Result<Response<pb::KeyInfo>, Status> {
-        let who = caller(&req)?;
-        let name = parse_name(&req.into_inner().name)?;
-        self.read_allowed(&who, name.as_str())?;
-        let rec = self.keys(move |k| k.get(&name)).await?;
-        Ok(Response::new(info(rec)?))
+        let audit = self
+            .state
+            .audit_ctx(&req, "key.get", Some(req.get_ref().name.as_str()));
+        let res: Result<Response<pb::KeyInfo>, Status> = async move {
+            let who = caller(&req)?;
+            let name = parse_name(&req.into_inner().name)?;
+            self.read_allowed(&who, name.as_str())?;
+            let rec = self.keys(move |k| k.get(&name)).await?;
+            Ok(Response::new(info(rec)?))
+        }
+        .await;
+        self.state.audited(audit, res).await
     }
 
     async fn sign(
         &self,
         req: Request<pb::SignRequest>,
     ) -> Result<Response<pb::SignResponse>, Status> {
-        let who = caller(&req)?;
-        let r = req.into_inner();
-        let name = parse_name(&r.name)?;
-        let input = Input::from_sign(r.input, &r.hash)?;
-        self.state
-            .authorize(&who, Capability::KeySign, name.as_str())?;
-        let n = name.clone();
-        let (version, signature) = self.keys(move |k| k.sign(&n, input.as_input())).await?;
-        tracing::info!(key = %name, version, "signed");
-        Ok(Response::new(pb::SignResponse {
-            version,
-            signature,
-            kid: kid(name.as_str(), version),
-        }))
+        let audit = self
+            .state
+            .audit_ctx(&req, "key.sign", Some(req.get_ref().name.as_str()));
+        let res: Result<Response<pb::SignResponse>, Status> = async move {
+            let who = caller(&req)?;
+            let r = req.into_inner();
+            let name = parse_name(&r.name)?;
+            let input = Input::from_sign(r.input, &r.hash)?;
+            self.state
+                .authorize(&who, Capability::KeySign, name.as_str())?;
+            let n = name.clone();
+            let (version, signature) = self.keys(move |k| k.sign(&n, input.as_input())).await?;
+            tracing::info!(key = %name, version, "signed");
+            Ok(Response::new(pb::SignResponse {
+                version,
+                signature,
+                kid: kid(name.as_str(), version),
+            }))
+        }
+        .await;
+        self.state.audited(audit, res).await
     }
 
     async fn verify(
         &self,
         req: Request<pb::VerifyRequest>,
     ) -> Result<Response<pb::VerifyResponse>, Status> {
-        let who = caller(&req)?;
-        let r = req.into_inner();
-        let name = parse_name(&r.name)?;
-        let input = Input::from_verify(r.input, &r.hash)?;
-        self.state
-            .authorize(&who, Capability::KeySign, name.as_str())?;
-        let version = (r.version != 0).then_some(r.version);
-        let sig = r.signature;
-        let v = self
-            .keys(move |k| k.verify(&name, input.as_input(), &sig, version))
-            .await?;
-        Ok(Response::new(pb::VerifyResponse {
-            valid: v.is_some(),
-            version: v.unwrap_or(0),
-        }))
+        let audit = self
+            .state
+            .audit_ctx(&req, "key.verify", Some(req.get_ref().name.as_str()));
+        let res: Result<Response<pb::VerifyResponse>, Status> = async move {
+            let who = caller(&req)?;
+            let r = req.into_inner();
+            let name = parse_name(&r.name)?;
+            let input = Input::from_verify(r.input, &r.hash)?;
+            self.state
+                .authorize(&who, Capability::KeySign, name.as_str())?;
+            let version = (r.version != 0).then_some(r.version);
+            let sig = r.signature;
+            let v = self
+                .keys(move |k| k.verify(&name, input.as_input(), &sig, version))
+                .await?;
+            Ok(Response::new(pb::VerifyResponse {
+                valid: v.is_some(),
+                version: v.unwrap_or(0),
+            }))
+        }
+        .await;
+        self.state.audited(audit, res).await
     }
 
     async fn rotate(
         &self,
         req: Request<pb::KeyNameRequest>,
     ) -> Result<Response<pb::KeyInfo>, Status> {
-        let who = caller(&req)?;
-        let name = parse_name(&req.into_inner().name)?;
-        self.state
-            .authorize(&who, Capability::KeyAdmin, name.as_str())?;
-        let now = OpCtx::new("").now;
-        let rec = self.keys(move |k| k.rotate(&name, now)).await?;
-        tracing::info!(key = %rec.name, version = rec.current, "signing key rotated");
-        Ok(Response::new(info(rec)?))
+        let audit = self
+            .state
+            .audit_ctx(&req, "key.rotate", Some(req.get_ref().name.as_str()));
+        let res: Result<Response<pb::KeyInfo>, Status> = async move {
+            let who = caller(&req)?;
+            let name = parse_name(&req.into_inner().name)?;
+            self.state
+                .authorize(&who, Capability::KeyAdmin, name.as_str())?;
+            let now = OpCtx::new("").now;
+            let rec = self.keys(move |k| k.rotate(&name, now)).await?;
+            tracing::info!(key = %rec.name, version = rec.current, "signing key rotated");
+            Ok(Response::new(info(rec)?))
+        }
+        .await;
+        self.state.audited(audit, res).await
     }
 
     async fn disable_version(
         &self,
         req: Request<pb::KeyVersionRequest>,
     ) -> Result<Response<pb::KeyInfo>, Status> {
-        let who = caller(&req)?;
-        let r = req.into_inner();
-        let name = parse_name(&r.name)?;
-        self.state
-            .authorize(&who, Capability::KeyAdmin, name.as_str())?;
-        let rec = self
-            .keys(move |k| k.set_enabled(&name, r.version, false))
-            .await?;
-        tracing::info!(key = %rec.name, version = r.version, "key version disabled");
-        Ok(Response::new(info(rec)?))
+        let audit = self
+            .state
+            .audit_ctx(&req, "key.disable", Some(req.get_ref().name.as_str()));
+        let res: Result<Response<pb::KeyInfo>, Status> = async move {
+            let who = caller(&req)?;
+            let r = req.into_inner();
+            let name = parse_name(&r.name)?;
+            self.state
+                .authorize(&who, Capability::KeyAdmin, name.as_str())?;
+            let rec = self
+                .keys(move |k| k.set_enabled(&name, r.version, false))
+                .await?;
+            tracing::info!(key = %rec.name, version = r.version, "key version disabled");
+            Ok(Response::new(info(rec)?))
+        }
+        .await;
+        self.state.audited(audit, res).await
     }
 
     async fn enable_version(
         &self,
         req: Request<pb::KeyVersionRequest>,
     ) -> Result<Response<pb::KeyInfo>, Status> {
-        let who = caller(&req)?;
-        let r = req.into_inner();
-        let name = parse_name(&r.name)?;
-        self.state
-            .authorize(&who, Capability::KeyAdmin, name.as_str())?;
-        let rec = self
-            .keys(move |k| k.set_enabled(&name, r.version, true))
-            .await?;
-        tracing::info!(key = %rec.name, version = r.version, "key version enabled");
-        Ok(Response::new(info(rec)?))
+        let audit = self
+            .state
+            .audit_ctx(&req, "key.enable", Some(req.get_ref().name.as_str()));
+        let res: Result<Response<pb::KeyInfo>, Status> = async move {
+            let who = caller(&req)?;
+            let r = req.into_inner();
+            let name = parse_name(&r.name)?;
+            self.state
+                .authorize(&who, Capability::KeyAdmin, name.as_str())?;
+            let rec = self
+                .keys(move |k| k.set_enabled(&name, r.version, true))
+                .await?;
+            tracing::info!(key = %rec.name, version = r.version, "key version enabled");
+            Ok(Response::new(info(rec)?))
+        }
+        .await;
+        self.state.audited(audit, res).await
     }
 
     async fn destroy(
         &self,
         req: Request<pb::KeyNameRequest>,
     ) -> Result<Response<pb::DestroyKeyResponse>, Status> {
-        let who = caller(&req)?;
-        let name = parse_name(&req.into_inner().name)?;
-        self.state
-            .authorize(&who, Capability::KeyAdmin, name.as_str())?;
-        let n = name.clone();
-        self.keys(move |k| k.destroy(&n)).await?;
-        tracing::info!(key = %name, "signing key destroyed");
-        Ok(Response::new(pb::DestroyKeyResponse {}))
+        let audit = self
+            .state
+            .audit_ctx(&req, "key.destroy", Some(req.get_ref().name.as_str()));
+        let res: Result<Response<pb::DestroyKeyResponse>, Status> = async move {
+            let who = caller(&req)?;
+            let name = parse_name(&req.into_inner().name)?;
+            self.state
+                .authorize(&who, Capability::KeyAdmin, name.as_str())?;
+            let n = name.clone();
+            self.keys(move |k| k.destroy(&n)).await?;
+            tracing::info!(key = %name, "signing key destroyed");
+            Ok(Response::new(pb::DestroyKeyResponse {}))
+        }
+        .await;
+        self.state.audited(audit, res).await
     }
 
     async fn jwks(
         &self,
         req: Request<pb::JwksRequest>,
     ) -> Result<Response<pb::JwksResponse>, Status> {
-        let who = caller(&req)?;
-        let names = req.into_inner().names;
-        if names.is_empty() || names.len() > 100 {
-            return Err(Status::invalid_argument("name 1 to 100 keys"));
+        let audit = self.state.audit_ctx(&req, "key.jwks", None);
+        let res: Result<Response<pb::JwksResponse>, Status> = async move {
+            let who = caller(&req)?;
+            let names = req.into_inner().names;
+            if names.is_empty() || names.len() > 100 {
+                return Err(Status::invalid_argument("name 1 to 100 keys"));
+            }
+            let mut parsed = Vec::with_capacity(names.len());
+            for n in &names {
+                let n = parse_name(n)?;
+                self.read_allowed(&who, n.as_str())?;
+                parsed.push(n);
+            }
+            let jwks = self.keys(move |k| k.jwks(&parsed)).await?;
+            Ok(Response::new(pb::JwksResponse {
+                jwks: jwks.to_string(),
+            }))
         }
-        let mut parsed = Vec::with_capacity(names.len());
-        for n in &names {
-            let n = parse_name(n)?;
-            self.read_allowed(&who, n.as_str())?;
-            parsed.push(n);
-        }
-        let jwks = self.keys(move |k| k.jwks(&parsed)).await?;
-        Ok(Response::new(pb::JwksResponse {
-            jwks: jwks.to_string(),
-        }))
+        .await;
+        self.state.audited(audit, res).await
     }
 }

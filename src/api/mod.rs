@@ -6,6 +6,7 @@
 //! the [`Caller`] comes from the connection (see `crate::daemon`).
 
 pub mod apikeys_svc;
+pub mod audit_svc;
 pub mod keys_svc;
 pub mod proxy_svc;
 mod redact;
@@ -64,6 +65,149 @@ pub struct DaemonState {
     pub shutdown: tokio::sync::watch::Receiver<bool>,
     /// Proxy targets, credentials, proxies, rules and the request log.
     pub proxies: Arc<crate::proxy::ProxyStore>,
+    /// The tamper-evident audit log; `None` only with `audit.unsafe_disable`.
+    pub audit: Option<Arc<crate::audit::AuditLog>>,
+}
+
+/// What an audited request is about, taken before the handler runs.
+pub struct AuditCtx {
+    actor: crate::audit::Actor,
+    op: &'static str,
+    target: Option<String>,
+    request_id: String,
+}
+
+/// gRPC code names as in the gRPC spec (audit `code` field).
+pub fn code_name(c: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match c {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+static REQUEST_IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+impl DaemonState {
+    /// Starts the audit record of a request: who (from the connection, or
+    /// anonymous when the connection has none) and on what. `target` is
+    /// recorded only when it is a valid name; anything else is recorded as
+    /// its audit HMAC, so hostile input never lands in the log verbatim.
+    pub fn audit_ctx<T>(
+        &self,
+        req: &Request<T>,
+        op: &'static str,
+        target: Option<&str>,
+    ) -> AuditCtx {
+        let actor = match req.extensions().get::<Caller>() {
+            Some(c) => crate::audit::Actor::peer(&c.identity),
+            None => crate::audit::Actor::default(),
+        };
+        let target = target.filter(|t| !t.is_empty()).map(|t| {
+            if t.len() <= 512
+                && (crate::name::SecretName::parse(t).is_ok()
+                    || crate::name::check_prefix(t).is_ok())
+            {
+                t.to_owned()
+            } else {
+                match &self.audit {
+                    Some(a) => a.hash(t.as_bytes()),
+                    None => "invalid".to_owned(),
+                }
+            }
+        });
+        let conn = req
+            .extensions()
+            .get::<Caller>()
+            .map(|c| c.conn_id)
+            .unwrap_or(0);
+        let n = REQUEST_IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        AuditCtx {
+            actor,
+            op,
+            target,
+            request_id: format!("c{conn}-r{n}"),
+        }
+    }
+
+    /// Records the outcome of a request durably before it is answered
+    /// (group-committed with concurrent requests). When the event cannot be
+    /// made durable within the audit deadline, the request fails with
+    /// UNAVAILABLE instead: nothing is answered unaudited.
+    pub async fn audited<T>(&self, ctx: AuditCtx, res: Result<T, Status>) -> Result<T, Status> {
+        let Some(audit) = &self.audit else { return res };
+        let (outcome, code) = match &res {
+            Result::Ok(_) => (crate::audit::Outcome::Ok, None),
+            Err(s)
+                if matches!(
+                    s.code(),
+                    tonic::Code::PermissionDenied | tonic::Code::Unauthenticated
+                ) =>
+            {
+                (crate::audit::Outcome::Denied, Some(code_name(s.code())))
+            }
+            Err(s) => (crate::audit::Outcome::Error, Some(code_name(s.code()))),
+        };
+        let mut ev = crate::audit::NewEvent::new(now_ms(), ctx.actor, ctx.op)
+            .outcome(outcome, code)
+            .request_id(ctx.request_id);
+        if let Some(t) = ctx.target {
+            ev = ev.target(t);
+        }
+        match audit.append(ev).await {
+            Result::Ok(_) => res,
+            Err(e) => {
+                tracing::error!(error = %e, op = ctx.op, "audit append failed; failing the request");
+                Err(Status::unavailable(format!(
+                    "the audit log could not record this request ({e}); nothing is answered unaudited"
+                )))
+            }
+        }
+    }
+
+    /// Records a daemon lifecycle event (start, stop, policy reload, root
+    /// rotation...). Failures are logged; there is no request to fail.
+    pub async fn audit_lifecycle(
+        &self,
+        op: &'static str,
+        outcome: crate::audit::Outcome,
+        detail: &[(&str, String)],
+    ) {
+        let Some(audit) = &self.audit else { return };
+        let mut ev = crate::audit::NewEvent::new(now_ms(), crate::audit::Actor::daemon(), op)
+            .outcome(
+                outcome,
+                (outcome != crate::audit::Outcome::Ok).then_some("INTERNAL"),
+            );
+        for (k, v) in detail {
+            ev = ev.detail(*k, v.clone());
+        }
+        if let Err(e) = audit.append(ev).await {
+            tracing::error!(error = %e, op, "audit append of a lifecycle event failed");
+        }
+    }
 }
 
 /// The caller of `req`, or UNAUTHENTICATED when the connection had no peer

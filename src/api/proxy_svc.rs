@@ -176,6 +176,12 @@ impl ProxyApi for ProxyService {
         &self,
         req: Request<pb::PutTargetRequest>,
     ) -> Result<Response<pb::ProxyTarget>, Status> {
+        let audit = self.state.audit_ctx(
+            &req,
+            "proxy.target.put",
+            req.get_ref().target.as_ref().map(|t| t.name.as_str()),
+        );
+        let res: Result<Response<pb::ProxyTarget>, Status> = async move {
         let who = caller(&req)?;
         let t = req
             .into_inner()
@@ -198,47 +204,70 @@ impl ProxyApi for ProxyService {
         let t = self.run(move |s| s.put_target(rec, now)).await?;
         tracing::info!(target = %t.name, url = %t.base_url, actor = %who.identity.actor(), "proxy target saved");
         Ok(Response::new(target_pb(t)))
+        }
+        .await;
+        self.state.audited(audit, res).await
     }
 
     async fn list_targets(
         &self,
         req: Request<pb::ProxyListRequest>,
     ) -> Result<Response<pb::ListTargetsResponse>, Status> {
-        let who = caller(&req)?;
-        let all = self.run(|s| s.list_targets()).await?;
-        let p = self.state.policy.current();
-        let targets = all
-            .into_iter()
-            .filter(|t| {
-                p.check(
-                    &who.identity,
-                    Capability::ProxyAdmin,
-                    &format!("target/{}", t.name),
-                )
-                .allowed
-            })
-            .map(target_pb)
-            .collect();
-        Ok(Response::new(pb::ListTargetsResponse { targets }))
+        let audit = self.state.audit_ctx(&req, "proxy.target.list", None);
+        let res: Result<Response<pb::ListTargetsResponse>, Status> = async move {
+            let who = caller(&req)?;
+            let all = self.run(|s| s.list_targets()).await?;
+            let p = self.state.policy.current();
+            let targets = all
+                .into_iter()
+                .filter(|t| {
+                    p.check(
+                        &who.identity,
+                        Capability::ProxyAdmin,
+                        &format!("target/{}", t.name),
+                    )
+                    .allowed
+                })
+                .map(target_pb)
+                .collect();
+            Ok(Response::new(pb::ListTargetsResponse { targets }))
+        }
+        .await;
+        self.state.audited(audit, res).await
     }
 
     async fn delete_target(
         &self,
         req: Request<pb::ProxyNameRequest>,
     ) -> Result<Response<pb::ProxyEmpty>, Status> {
-        let who = caller(&req)?;
-        let name = req.into_inner().name;
-        self.admin(&who, &format!("target/{name}"))?;
-        let n = name.clone();
-        self.run(move |s| s.delete_target(&n)).await?;
-        tracing::info!(target = %name, actor = %who.identity.actor(), "proxy target deleted");
-        Ok(Response::new(pb::ProxyEmpty {}))
+        let audit = self.state.audit_ctx(
+            &req,
+            "proxy.target.delete",
+            Some(req.get_ref().name.as_str()),
+        );
+        let res: Result<Response<pb::ProxyEmpty>, Status> = async move {
+            let who = caller(&req)?;
+            let name = req.into_inner().name;
+            self.admin(&who, &format!("target/{name}"))?;
+            let n = name.clone();
+            self.run(move |s| s.delete_target(&n)).await?;
+            tracing::info!(target = %name, actor = %who.identity.actor(), "proxy target deleted");
+            Ok(Response::new(pb::ProxyEmpty {}))
+        }
+        .await;
+        self.state.audited(audit, res).await
     }
 
     async fn put_credential(
         &self,
         req: Request<pb::PutCredentialRequest>,
     ) -> Result<Response<pb::TargetCredential>, Status> {
+        let audit = self.state.audit_ctx(
+            &req,
+            "proxy.credential.put",
+            req.get_ref().credential.as_ref().map(|c| c.id.as_str()),
+        );
+        let res: Result<Response<pb::TargetCredential>, Status> = async move {
         let who = caller(&req)?;
         let r = req.into_inner();
         let value = zeroize::Zeroizing::new(r.value);
@@ -276,34 +305,48 @@ impl ProxyApi for ProxyService {
         }
         tracing::info!(credential = %c.id, target = %c.target, actor = %who.identity.actor(), "target credential sealed");
         Ok(Response::new(cred_pb(c)))
+        }
+        .await;
+        self.state.audited(audit, res).await
     }
 
     async fn list_credentials(
         &self,
         req: Request<pb::ProxyListRequest>,
     ) -> Result<Response<pb::ListCredentialsResponse>, Status> {
-        let who = caller(&req)?;
-        let all = self.run(|s| s.list_credentials()).await?;
-        let p = self.state.policy.current();
-        let credentials = all
-            .into_iter()
-            .filter(|c| {
-                p.check(
-                    &who.identity,
-                    Capability::ProxyAdmin,
-                    &format!("credential/{}", c.id),
-                )
-                .allowed
-            })
-            .map(cred_pb)
-            .collect();
-        Ok(Response::new(pb::ListCredentialsResponse { credentials }))
+        let audit = self.state.audit_ctx(&req, "proxy.credential.list", None);
+        let res: Result<Response<pb::ListCredentialsResponse>, Status> = async move {
+            let who = caller(&req)?;
+            let all = self.run(|s| s.list_credentials()).await?;
+            let p = self.state.policy.current();
+            let credentials = all
+                .into_iter()
+                .filter(|c| {
+                    p.check(
+                        &who.identity,
+                        Capability::ProxyAdmin,
+                        &format!("credential/{}", c.id),
+                    )
+                    .allowed
+                })
+                .map(cred_pb)
+                .collect();
+            Ok(Response::new(pb::ListCredentialsResponse { credentials }))
+        }
+        .await;
+        self.state.audited(audit, res).await
     }
 
     async fn delete_credential(
         &self,
         req: Request<pb::ProxyNameRequest>,
     ) -> Result<Response<pb::ProxyEmpty>, Status> {
+        let audit = self.state.audit_ctx(
+            &req,
+            "proxy.credential.delete",
+            Some(req.get_ref().name.as_str()),
+        );
+        let res: Result<Response<pb::ProxyEmpty>, Status> = async move {
         let who = caller(&req)?;
         let id = req.into_inner().name;
         self.admin(&who, &format!("credential/{id}"))?;
@@ -311,12 +354,21 @@ impl ProxyApi for ProxyService {
         self.run(move |s| s.delete_credential(&i)).await?;
         tracing::info!(credential = %id, actor = %who.identity.actor(), "target credential deleted");
         Ok(Response::new(pb::ProxyEmpty {}))
+        }
+        .await;
+        self.state.audited(audit, res).await
     }
 
     async fn put_proxy(
         &self,
         req: Request<pb::PutProxyRequest>,
     ) -> Result<Response<pb::ProxyInfo>, Status> {
+        let audit = self.state.audit_ctx(
+            &req,
+            "proxy.put",
+            req.get_ref().proxy.as_ref().map(|p| p.name.as_str()),
+        );
+        let res: Result<Response<pb::ProxyInfo>, Status> = async move {
         let who = caller(&req)?;
         let p = req
             .into_inner()
@@ -354,58 +406,82 @@ impl ProxyApi for ProxyService {
         let p = self.run(move |s| s.put_proxy(rec, now)).await?;
         tracing::info!(proxy = %p.name, target = %p.target, credential = p.credential.as_deref().unwrap_or("-"), actor = %who.identity.actor(), "proxy saved");
         Ok(Response::new(proxy_pb(p)))
+        }
+        .await;
+        self.state.audited(audit, res).await
     }
 
     async fn get_proxy(
         &self,
         req: Request<pb::ProxyNameRequest>,
     ) -> Result<Response<pb::ProxyInfo>, Status> {
-        let who = caller(&req)?;
-        let name = req.into_inner().name;
-        self.admin(&who, &format!("proxy/{name}"))?;
-        let p = self.run(move |s| s.get_proxy(&name)).await?;
-        Ok(Response::new(proxy_pb(p)))
+        let audit = self
+            .state
+            .audit_ctx(&req, "proxy.get", Some(req.get_ref().name.as_str()));
+        let res: Result<Response<pb::ProxyInfo>, Status> = async move {
+            let who = caller(&req)?;
+            let name = req.into_inner().name;
+            self.admin(&who, &format!("proxy/{name}"))?;
+            let p = self.run(move |s| s.get_proxy(&name)).await?;
+            Ok(Response::new(proxy_pb(p)))
+        }
+        .await;
+        self.state.audited(audit, res).await
     }
 
     async fn list_proxies(
         &self,
         req: Request<pb::ProxyListRequest>,
     ) -> Result<Response<pb::ListProxiesResponse>, Status> {
-        let who = caller(&req)?;
-        let all = self.run(|s| s.list_proxies()).await?;
-        let p = self.state.policy.current();
-        let proxies = all
-            .into_iter()
-            .filter(|x| {
-                p.check(
-                    &who.identity,
-                    Capability::ProxyAdmin,
-                    &format!("proxy/{}", x.name),
-                )
-                .allowed
-            })
-            .map(proxy_pb)
-            .collect();
-        Ok(Response::new(pb::ListProxiesResponse { proxies }))
+        let audit = self.state.audit_ctx(&req, "proxy.list", None);
+        let res: Result<Response<pb::ListProxiesResponse>, Status> = async move {
+            let who = caller(&req)?;
+            let all = self.run(|s| s.list_proxies()).await?;
+            let p = self.state.policy.current();
+            let proxies = all
+                .into_iter()
+                .filter(|x| {
+                    p.check(
+                        &who.identity,
+                        Capability::ProxyAdmin,
+                        &format!("proxy/{}", x.name),
+                    )
+                    .allowed
+                })
+                .map(proxy_pb)
+                .collect();
+            Ok(Response::new(pb::ListProxiesResponse { proxies }))
+        }
+        .await;
+        self.state.audited(audit, res).await
     }
 
     async fn delete_proxy(
         &self,
         req: Request<pb::ProxyNameRequest>,
     ) -> Result<Response<pb::ProxyEmpty>, Status> {
-        let who = caller(&req)?;
-        let name = req.into_inner().name;
-        self.admin(&who, &format!("proxy/{name}"))?;
-        let n = name.clone();
-        self.run(move |s| s.delete_proxy(&n)).await?;
-        tracing::info!(proxy = %name, actor = %who.identity.actor(), "proxy deleted");
-        Ok(Response::new(pb::ProxyEmpty {}))
+        let audit = self
+            .state
+            .audit_ctx(&req, "proxy.delete", Some(req.get_ref().name.as_str()));
+        let res: Result<Response<pb::ProxyEmpty>, Status> = async move {
+            let who = caller(&req)?;
+            let name = req.into_inner().name;
+            self.admin(&who, &format!("proxy/{name}"))?;
+            let n = name.clone();
+            self.run(move |s| s.delete_proxy(&n)).await?;
+            tracing::info!(proxy = %name, actor = %who.identity.actor(), "proxy deleted");
+            Ok(Response::new(pb::ProxyEmpty {}))
+        }
+        .await;
+        self.state.audited(audit, res).await
     }
 
     async fn put_rule(
         &self,
         req: Request<pb::PutRuleRequest>,
     ) -> Result<Response<pb::ProxyRule>, Status> {
+        let audit = self.state.audit_ctx(&req, "proxy.rule.put", None);
+        let res: Result<Response<pb::ProxyRule>, Status> = async move {
         let who = caller(&req)?;
         let r = req
             .into_inner()
@@ -449,30 +525,46 @@ impl ProxyApi for ProxyService {
         let r = self.run(move |s| s.put_rule(rec, now)).await?;
         tracing::info!(proxy = %r.proxy, rule = %r.id, priority = r.priority, effect = r.effect.as_str(), actor = %who.identity.actor(), "proxy rule saved");
         Ok(Response::new(rule_pb(r)))
+        }
+        .await;
+        self.state.audited(audit, res).await
     }
 
     async fn list_rules(
         &self,
         req: Request<pb::ProxyNameRequest>,
     ) -> Result<Response<pb::ListRulesResponse>, Status> {
-        let who = caller(&req)?;
-        let name = req.into_inner().name;
-        self.admin(&who, &format!("proxy/{name}"))?;
-        let rules = self
-            .run(move |s| {
-                s.get_proxy(&name)?;
-                s.list_rules(&name)
-            })
-            .await?;
-        Ok(Response::new(pb::ListRulesResponse {
-            rules: rules.into_iter().map(rule_pb).collect(),
-        }))
+        let audit =
+            self.state
+                .audit_ctx(&req, "proxy.rule.list", Some(req.get_ref().name.as_str()));
+        let res: Result<Response<pb::ListRulesResponse>, Status> = async move {
+            let who = caller(&req)?;
+            let name = req.into_inner().name;
+            self.admin(&who, &format!("proxy/{name}"))?;
+            let rules = self
+                .run(move |s| {
+                    s.get_proxy(&name)?;
+                    s.list_rules(&name)
+                })
+                .await?;
+            Ok(Response::new(pb::ListRulesResponse {
+                rules: rules.into_iter().map(rule_pb).collect(),
+            }))
+        }
+        .await;
+        self.state.audited(audit, res).await
     }
 
     async fn delete_rule(
         &self,
         req: Request<pb::ProxyRuleRef>,
     ) -> Result<Response<pb::ProxyEmpty>, Status> {
+        let audit = self.state.audit_ctx(
+            &req,
+            "proxy.rule.delete",
+            Some(req.get_ref().proxy.as_str()),
+        );
+        let res: Result<Response<pb::ProxyEmpty>, Status> = async move {
         let who = caller(&req)?;
         let r = req.into_inner();
         self.admin(&who, &format!("proxy/{}", r.proxy))?;
@@ -480,80 +572,97 @@ impl ProxyApi for ProxyService {
         self.run(move |s| s.delete_rule(&p, &id)).await?;
         tracing::info!(proxy = %r.proxy, rule = %r.id, actor = %who.identity.actor(), "proxy rule deleted");
         Ok(Response::new(pb::ProxyEmpty {}))
+        }
+        .await;
+        self.state.audited(audit, res).await
     }
 
     async fn test(
         &self,
         req: Request<pb::ProxyTestRequest>,
     ) -> Result<Response<pb::ProxyTestResponse>, Status> {
-        let who = caller(&req)?;
-        let r = req.into_inner();
-        self.admin(&who, &format!("proxy/{}", r.proxy))?;
-        let path = if r.path.starts_with('/') {
-            r.path
-        } else {
-            format!("/{}", r.path)
-        };
-        let (path, query) = match path.split_once('?') {
-            Some((p, q)) => (p.to_owned(), Some(q.to_owned())),
-            None => (path, opt(r.query)),
-        };
-        let method = r.method.to_ascii_uppercase();
-        let headers: Vec<(String, String)> = r
-            .headers
-            .into_iter()
-            .map(|c| (c.name.to_ascii_lowercase(), c.regex))
-            .collect();
-        let e = self
-            .run(move |s| {
-                s.explain(
-                    &r.proxy,
-                    &RequestFacts {
-                        method: &method,
-                        path: &path,
-                        headers: &headers,
-                        query: query.as_deref(),
-                    },
-                )
-            })
-            .await?;
-        Ok(Response::new(pb::ProxyTestResponse {
-            effect: e.effect.as_str().into(),
-            rule: e.rule.unwrap_or_default(),
-            reason: e.reason,
-            trace: e
-                .trace
+        let audit = self
+            .state
+            .audit_ctx(&req, "proxy.test", Some(req.get_ref().proxy.as_str()));
+        let res: Result<Response<pb::ProxyTestResponse>, Status> = async move {
+            let who = caller(&req)?;
+            let r = req.into_inner();
+            self.admin(&who, &format!("proxy/{}", r.proxy))?;
+            let path = if r.path.starts_with('/') {
+                r.path
+            } else {
+                format!("/{}", r.path)
+            };
+            let (path, query) = match path.split_once('?') {
+                Some((p, q)) => (p.to_owned(), Some(q.to_owned())),
+                None => (path, opt(r.query)),
+            };
+            let method = r.method.to_ascii_uppercase();
+            let headers: Vec<(String, String)> = r
+                .headers
                 .into_iter()
-                .map(|t| pb::ProxyRuleTrace {
-                    id: t.id,
-                    priority: t.priority,
-                    effect: t.effect.as_str().into(),
-                    matched: t.matched,
-                    why_not: t.why_not.unwrap_or_default(),
+                .map(|c| (c.name.to_ascii_lowercase(), c.regex))
+                .collect();
+            let e = self
+                .run(move |s| {
+                    s.explain(
+                        &r.proxy,
+                        &RequestFacts {
+                            method: &method,
+                            path: &path,
+                            headers: &headers,
+                            query: query.as_deref(),
+                        },
+                    )
                 })
-                .collect(),
-        }))
+                .await?;
+            Ok(Response::new(pb::ProxyTestResponse {
+                effect: e.effect.as_str().into(),
+                rule: e.rule.unwrap_or_default(),
+                reason: e.reason,
+                trace: e
+                    .trace
+                    .into_iter()
+                    .map(|t| pb::ProxyRuleTrace {
+                        id: t.id,
+                        priority: t.priority,
+                        effect: t.effect.as_str().into(),
+                        matched: t.matched,
+                        why_not: t.why_not.unwrap_or_default(),
+                    })
+                    .collect(),
+            }))
+        }
+        .await;
+        self.state.audited(audit, res).await
     }
 
     async fn requests(
         &self,
         req: Request<pb::RequestsQuery>,
     ) -> Result<Response<pb::RequestsResponse>, Status> {
-        let who = caller(&req)?;
-        let r = req.into_inner();
-        self.admin(&who, &format!("proxy/{}", r.proxy))?;
-        let limit = if r.limit == 0 {
-            1000
-        } else {
-            r.limit.min(10_000)
-        } as usize;
-        let after = r.processed_after.saturating_mul(1_000_000);
-        let before = r.processed_before.saturating_mul(1_000_000);
-        let entries = self
-            .run(move |s| s.query_log(&r.proxy, after, before, limit))
-            .await?;
-        Ok(Response::new(pb::RequestsResponse {
-            entries: entries.into_iter().map(log_pb).collect(),
-        }))
+        let audit =
+            self.state
+                .audit_ctx(&req, "proxy.requests", Some(req.get_ref().proxy.as_str()));
+        let res: Result<Response<pb::RequestsResponse>, Status> = async move {
+            let who = caller(&req)?;
+            let r = req.into_inner();
+            self.admin(&who, &format!("proxy/{}", r.proxy))?;
+            let limit = if r.limit == 0 {
+                1000
+            } else {
+                r.limit.min(10_000)
+            } as usize;
+            let after = r.processed_after.saturating_mul(1_000_000);
+            let before = r.processed_before.saturating_mul(1_000_000);
+            let entries = self
+                .run(move |s| s.query_log(&r.proxy, after, before, limit))
+                .await?;
+            Ok(Response::new(pb::RequestsResponse {
+                entries: entries.into_iter().map(log_pb).collect(),
+            }))
+        }
+        .await;
+        self.state.audited(audit, res).await
     }
 }

@@ -37,6 +37,17 @@ impl fmt::Debug for GetResponse {
     }
 }
 
+impl fmt::Debug for super::pb::AuditHashRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuditHashRequest")
+            .field(
+                "value",
+                &format_args!("<{} bytes redacted>", self.value.len()),
+            )
+            .finish()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

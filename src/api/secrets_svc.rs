@@ -86,183 +86,232 @@ type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + S
 #[tonic::async_trait]
 impl Secrets for SecretsService {
     async fn get(&self, req: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
-        let who = caller(&req)?;
-        let r = req.into_inner();
-        let name = parse_name(&r.name)?;
-        self.state
-            .authorize(&who, Capability::SecretRead, name.as_str())?;
-        let ctx = OpCtx::new(who.identity.actor());
-        let version = (r.version != 0).then_some(r.version);
-        let v = self
+        let audit = self
             .state
-            .blocking(move |s| s.get(&ctx, &name, version))
-            .await?;
-        Ok(Response::new(pb::GetResponse {
-            name: v.name.as_str().to_owned(),
-            version: v.version,
-            value: v.value.to_vec(),
-            created_at: v.created_at,
-        }))
+            .audit_ctx(&req, "secret.get", Some(req.get_ref().name.as_str()));
+        let res: Result<Response<pb::GetResponse>, Status> = async move {
+            let who = caller(&req)?;
+            let r = req.into_inner();
+            let name = parse_name(&r.name)?;
+            self.state
+                .authorize(&who, Capability::SecretRead, name.as_str())?;
+            let ctx = OpCtx::new(who.identity.actor());
+            let version = (r.version != 0).then_some(r.version);
+            let v = self
+                .state
+                .blocking(move |s| s.get(&ctx, &name, version))
+                .await?;
+            Ok(Response::new(pb::GetResponse {
+                name: v.name.as_str().to_owned(),
+                version: v.version,
+                value: v.value.to_vec(),
+                created_at: v.created_at,
+            }))
+        }
+        .await;
+        self.state.audited(audit, res).await
     }
 
     async fn put(&self, req: Request<pb::PutRequest>) -> Result<Response<pb::PutResponse>, Status> {
-        let who = caller(&req)?;
-        let mut r = req.into_inner();
-        let name = parse_name(&r.name)?;
-        self.state
-            .authorize(&who, Capability::SecretWrite, name.as_str())?;
-        for (k, v) in &r.labels {
-            if k.is_empty() || k.len() > 128 || v.len() > 1024 {
-                return Err(Status::invalid_argument(
-                    "label keys must be 1..=128 bytes and values at most 1024 bytes",
-                ));
-            }
-        }
-        if r.labels.len() > 64 {
-            return Err(Status::invalid_argument("at most 64 labels"));
-        }
-        let opts = PutOptions {
-            cas: r.cas,
-            labels: r.set_labels.then(|| r.labels.into_iter().collect()),
-            rotate_after: r.rotate_after_secs,
-            expires_at: r.expires_at,
-            max_versions: r.max_versions,
-        };
-        let ctx = OpCtx::new(who.identity.actor());
-        let value = zeroize::Zeroizing::new(std::mem::take(&mut r.value));
-        let n = name.clone();
-        let version = self
+        let audit = self
             .state
-            .blocking(move |s| s.put(&ctx, &n, &value, &opts))
-            .await?;
-        tracing::info!(name = %name, version, "secret written");
-        self.notify(&name, &[version], "put");
-        Ok(Response::new(pb::PutResponse {
-            name: name.as_str().to_owned(),
-            version,
-        }))
+            .audit_ctx(&req, "secret.put", Some(req.get_ref().name.as_str()));
+        let res: Result<Response<pb::PutResponse>, Status> = async move {
+            let who = caller(&req)?;
+            let mut r = req.into_inner();
+            let name = parse_name(&r.name)?;
+            self.state
+                .authorize(&who, Capability::SecretWrite, name.as_str())?;
+            for (k, v) in &r.labels {
+                if k.is_empty() || k.len() > 128 || v.len() > 1024 {
+                    return Err(Status::invalid_argument(
+                        "label keys must be 1..=128 bytes and values at most 1024 bytes",
+                    ));
+                }
+            }
+            if r.labels.len() > 64 {
+                return Err(Status::invalid_argument("at most 64 labels"));
+            }
+            let opts = PutOptions {
+                cas: r.cas,
+                labels: r.set_labels.then(|| r.labels.into_iter().collect()),
+                rotate_after: r.rotate_after_secs,
+                expires_at: r.expires_at,
+                max_versions: r.max_versions,
+            };
+            let ctx = OpCtx::new(who.identity.actor());
+            let value = zeroize::Zeroizing::new(std::mem::take(&mut r.value));
+            let n = name.clone();
+            let version = self
+                .state
+                .blocking(move |s| s.put(&ctx, &n, &value, &opts))
+                .await?;
+            tracing::info!(name = %name, version, "secret written");
+            self.notify(&name, &[version], "put");
+            Ok(Response::new(pb::PutResponse {
+                name: name.as_str().to_owned(),
+                version,
+            }))
+        }
+        .await;
+        self.state.audited(audit, res).await
     }
 
     async fn list(
         &self,
         req: Request<pb::ListRequest>,
     ) -> Result<Response<pb::ListResponse>, Status> {
-        let who = caller(&req)?;
-        let r = req.into_inner();
-        check_prefix(&r.prefix)
-            .map_err(|e| Status::invalid_argument(format!("invalid prefix: {e}")))?;
-        if !r.page_token.is_empty() {
-            check_prefix(&r.page_token)
-                .map_err(|_| Status::invalid_argument("invalid page_token"))?;
+        let audit = self
+            .state
+            .audit_ctx(&req, "secret.list", Some(req.get_ref().prefix.as_str()));
+        let res: Result<Response<pb::ListResponse>, Status> = async move {
+            let who = caller(&req)?;
+            let r = req.into_inner();
+            check_prefix(&r.prefix)
+                .map_err(|e| Status::invalid_argument(format!("invalid prefix: {e}")))?;
+            if !r.page_token.is_empty() {
+                check_prefix(&r.page_token)
+                    .map_err(|_| Status::invalid_argument("invalid page_token"))?;
+            }
+            let limit = match r.page_size {
+                0 => 100,
+                n => n.min(1000) as usize,
+            };
+            let policy = self.state.policy.current();
+            let prefix = r.prefix.clone();
+            let mut after = (!r.page_token.is_empty()).then_some(r.page_token);
+            // Only names the caller may read or write are listed. The store is
+            // asked for just the entries still missing, the page ends on a
+            // visible name (so the token reveals nothing hidden), and it stops
+            // before the response could exceed the message size limit.
+            let mut out: Vec<pb::SecretMeta> = Vec::new();
+            let mut bytes = 0usize;
+            let next = 'pages: loop {
+                let (p, a, want) = (prefix.clone(), after.clone(), limit - out.len());
+                let page = self
+                    .state
+                    .blocking(move |s| s.list(&p, a.as_deref(), want))
+                    .await?;
+                for m in page.items {
+                    let visible = policy
+                        .check(&who.identity, Capability::SecretRead, &m.name)
+                        .allowed
+                        || policy
+                            .check(&who.identity, Capability::SecretWrite, &m.name)
+                            .allowed;
+                    if !visible {
+                        continue;
+                    }
+                    let item = meta_pb(m);
+                    let size = prost::Message::encoded_len(&item) + 8;
+                    if !out.is_empty() && bytes + size > LIST_RESPONSE_BUDGET {
+                        break 'pages out.last().map(|m| m.name.clone()).unwrap_or_default();
+                    }
+                    bytes += size;
+                    out.push(item);
+                }
+                match page.next {
+                    None => break String::new(),
+                    Some(_) if out.len() >= limit => {
+                        break out.last().map(|m| m.name.clone()).unwrap_or_default();
+                    }
+                    Some(n) => after = Some(n),
+                }
+            };
+            Ok(Response::new(pb::ListResponse {
+                secrets: out,
+                next_page_token: next,
+            }))
         }
-        let limit = match r.page_size {
-            0 => 100,
-            n => n.min(1000) as usize,
-        };
-        let policy = self.state.policy.current();
-        let prefix = r.prefix.clone();
-        let mut after = (!r.page_token.is_empty()).then_some(r.page_token);
-        // Only names the caller may read or write are listed. The store is
-        // asked for just the entries still missing, the page ends on a
-        // visible name (so the token reveals nothing hidden), and it stops
-        // before the response could exceed the message size limit.
-        let mut out: Vec<pb::SecretMeta> = Vec::new();
-        let mut bytes = 0usize;
-        let next = 'pages: loop {
-            let (p, a, want) = (prefix.clone(), after.clone(), limit - out.len());
-            let page = self
-                .state
-                .blocking(move |s| s.list(&p, a.as_deref(), want))
-                .await?;
-            for m in page.items {
-                let visible = policy
-                    .check(&who.identity, Capability::SecretRead, &m.name)
-                    .allowed
-                    || policy
-                        .check(&who.identity, Capability::SecretWrite, &m.name)
-                        .allowed;
-                if !visible {
-                    continue;
-                }
-                let item = meta_pb(m);
-                let size = prost::Message::encoded_len(&item) + 8;
-                if !out.is_empty() && bytes + size > LIST_RESPONSE_BUDGET {
-                    break 'pages out.last().map(|m| m.name.clone()).unwrap_or_default();
-                }
-                bytes += size;
-                out.push(item);
-            }
-            match page.next {
-                None => break String::new(),
-                Some(_) if out.len() >= limit => {
-                    break out.last().map(|m| m.name.clone()).unwrap_or_default();
-                }
-                Some(n) => after = Some(n),
-            }
-        };
-        Ok(Response::new(pb::ListResponse {
-            secrets: out,
-            next_page_token: next,
-        }))
+        .await;
+        self.state.audited(audit, res).await
     }
 
     async fn history(
         &self,
         req: Request<pb::HistoryRequest>,
     ) -> Result<Response<pb::HistoryResponse>, Status> {
-        let who = caller(&req)?;
-        let name = parse_name(&req.into_inner().name)?;
-        self.state
-            .authorize(&who, Capability::SecretRead, name.as_str())?;
-        let (meta, versions) = self
+        let audit = self
             .state
-            .blocking(move |s| Ok((s.describe(&name)?, s.history(&name)?)))
-            .await?;
-        Ok(Response::new(pb::HistoryResponse {
-            meta: Some(meta_pb(meta)),
-            versions: versions
-                .into_iter()
-                .map(|v| {
-                    let (state, at) = match v.state {
-                        VersionState::Active => ("active", 0),
-                        VersionState::Deleted(t) => ("deleted", t),
-                        VersionState::Destroyed(t) => ("destroyed", t),
-                    };
-                    pb::VersionInfo {
-                        version: v.version,
-                        created_at: v.created_at,
-                        created_by: v.created_by,
-                        state: state.into(),
-                        state_changed_at: at,
-                        root_version: v.root_version.unwrap_or(0),
-                    }
-                })
-                .collect(),
-        }))
+            .audit_ctx(&req, "secret.history", Some(req.get_ref().name.as_str()));
+        let res: Result<Response<pb::HistoryResponse>, Status> = async move {
+            let who = caller(&req)?;
+            let name = parse_name(&req.into_inner().name)?;
+            self.state
+                .authorize(&who, Capability::SecretRead, name.as_str())?;
+            let (meta, versions) = self
+                .state
+                .blocking(move |s| Ok((s.describe(&name)?, s.history(&name)?)))
+                .await?;
+            Ok(Response::new(pb::HistoryResponse {
+                meta: Some(meta_pb(meta)),
+                versions: versions
+                    .into_iter()
+                    .map(|v| {
+                        let (state, at) = match v.state {
+                            VersionState::Active => ("active", 0),
+                            VersionState::Deleted(t) => ("deleted", t),
+                            VersionState::Destroyed(t) => ("destroyed", t),
+                        };
+                        pb::VersionInfo {
+                            version: v.version,
+                            created_at: v.created_at,
+                            created_by: v.created_by,
+                            state: state.into(),
+                            state_changed_at: at,
+                            root_version: v.root_version.unwrap_or(0),
+                        }
+                    })
+                    .collect(),
+            }))
+        }
+        .await;
+        self.state.audited(audit, res).await
     }
 
     async fn delete(
         &self,
         req: Request<pb::VersionsRequest>,
     ) -> Result<Response<pb::VersionsResponse>, Status> {
-        self.versions_op(req, Capability::SecretDelete, "delete")
-            .await
+        let audit = self
+            .state
+            .audit_ctx(&req, "secret.delete", Some(req.get_ref().name.as_str()));
+        let res: Result<Response<pb::VersionsResponse>, Status> = async move {
+            self.versions_op(req, Capability::SecretDelete, "delete")
+                .await
+        }
+        .await;
+        self.state.audited(audit, res).await
     }
 
     async fn undelete(
         &self,
         req: Request<pb::VersionsRequest>,
     ) -> Result<Response<pb::VersionsResponse>, Status> {
-        self.versions_op(req, Capability::SecretDelete, "undelete")
-            .await
+        let audit =
+            self.state
+                .audit_ctx(&req, "secret.undelete", Some(req.get_ref().name.as_str()));
+        let res: Result<Response<pb::VersionsResponse>, Status> = async move {
+            self.versions_op(req, Capability::SecretDelete, "undelete")
+                .await
+        }
+        .await;
+        self.state.audited(audit, res).await
     }
 
     async fn destroy(
         &self,
         req: Request<pb::VersionsRequest>,
     ) -> Result<Response<pb::VersionsResponse>, Status> {
-        self.versions_op(req, Capability::SecretDestroy, "destroy")
-            .await
+        let audit = self
+            .state
+            .audit_ctx(&req, "secret.destroy", Some(req.get_ref().name.as_str()));
+        let res: Result<Response<pb::VersionsResponse>, Status> = async move {
+            self.versions_op(req, Capability::SecretDestroy, "destroy")
+                .await
+        }
+        .await;
+        self.state.audited(audit, res).await
     }
 
     type WatchStream = WatchStream;
@@ -271,6 +320,8 @@ impl Secrets for SecretsService {
         &self,
         req: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        let audit = self.state.audit_ctx(&req, "secret.watch", None);
+        let res: Result<Response<Self::WatchStream>, Status> = async move {
         let who = caller(&req)?;
         let r = req.into_inner();
         if r.names.len() > 256 {
@@ -343,6 +394,9 @@ impl Secrets for SecretsService {
             }
         });
         let stream = tokio_stream::wrappers::ReceiverStream::new(out);
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(Box::pin(stream) as Self::WatchStream))
+        }
+        .await;
+        self.state.audited(audit, res).await
     }
 }

@@ -29,46 +29,51 @@ impl System for SystemService {
         &self,
         req: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
-        let who = caller(&req)?;
-        self.state
-            .authorize(&who, Capability::SystemAdmin, SYSTEM_RESOURCE)?;
-        let st = self.state.clone();
-        let (root_state, count, stats, backend) = self
-            .state
-            .blocking(move |s| {
-                Ok((
-                    s.store().root_state()?,
-                    s.count() as u64,
-                    s.envelope().stats(),
-                    s.envelope().root().kind(),
-                ))
-            })
-            .await?;
-        let root_state = root_state.unwrap_or(crate::store::RootState {
-            active: 0,
-            retired: vec![],
-            rotating_to: None,
-        });
-        Ok(Response::new(pb::StatusResponse {
-            version: env!("CARGO_PKG_VERSION").into(),
-            root_backend: backend.to_string(),
-            root_key_version: root_state.active,
-            retired_root_versions: root_state.retired,
-            rotating_to: root_state.rotating_to.unwrap_or(0),
-            secrets: count,
-            uptime_secs: st.started.elapsed().as_secs(),
-            cache: Some(pb::CacheStats {
-                entries: stats.entries,
-                capacity: stats.capacity,
-                hits: stats.hits,
-                misses: stats.misses,
-                evictions: stats.evictions,
-                root_calls: stats.root_calls,
-            }),
-            policy_rules: st.policy.current().rule_count() as u32,
-            memory_locked: st.hardening.memory_locked,
-            caller: who.identity.display_short(),
-        }))
+        let audit = self.state.audit_ctx(&req, "system.status", None);
+        let res: Result<Response<pb::StatusResponse>, Status> = async move {
+            let who = caller(&req)?;
+            self.state
+                .authorize(&who, Capability::SystemAdmin, SYSTEM_RESOURCE)?;
+            let st = self.state.clone();
+            let (root_state, count, stats, backend) = self
+                .state
+                .blocking(move |s| {
+                    Ok((
+                        s.store().root_state()?,
+                        s.count() as u64,
+                        s.envelope().stats(),
+                        s.envelope().root().kind(),
+                    ))
+                })
+                .await?;
+            let root_state = root_state.unwrap_or(crate::store::RootState {
+                active: 0,
+                retired: vec![],
+                rotating_to: None,
+            });
+            Ok(Response::new(pb::StatusResponse {
+                version: env!("CARGO_PKG_VERSION").into(),
+                root_backend: backend.to_string(),
+                root_key_version: root_state.active,
+                retired_root_versions: root_state.retired,
+                rotating_to: root_state.rotating_to.unwrap_or(0),
+                secrets: count,
+                uptime_secs: st.started.elapsed().as_secs(),
+                cache: Some(pb::CacheStats {
+                    entries: stats.entries,
+                    capacity: stats.capacity,
+                    hits: stats.hits,
+                    misses: stats.misses,
+                    evictions: stats.evictions,
+                    root_calls: stats.root_calls,
+                }),
+                policy_rules: st.policy.current().rule_count() as u32,
+                memory_locked: st.hardening.memory_locked,
+                caller: who.identity.display_short(),
+            }))
+        }
+        .await;
+        self.state.audited(audit, res).await
     }
 
     type RotateRootStream = ProgressStream;
@@ -77,55 +82,62 @@ impl System for SystemService {
         &self,
         req: Request<pb::RotateRootRequest>,
     ) -> Result<Response<Self::RotateRootStream>, Status> {
-        let who = caller(&req)?;
-        self.state
-            .authorize(&who, Capability::SystemAdmin, SYSTEM_RESOURCE)?;
-        let (tx, rx) = tokio::sync::mpsc::channel(16);
-        let secrets = self.state.secrets.clone();
-        tracing::info!(caller = %who.identity.display_short(), "root rotation requested");
-        tokio::task::spawn_blocking(move || {
-            let mut last = std::time::Instant::now();
-            let out = secrets.rotate_root(&mut |p| {
-                // Throttle to ~20 updates/s; a gone client does not stop the rotation.
-                if last.elapsed().as_millis() >= 50 || p.done == p.total {
-                    last = std::time::Instant::now();
-                    let _ = tx.blocking_send(Ok(pb::RotateRootProgress {
-                        from_version: p.from,
-                        to_version: p.to,
-                        done: p.done,
-                        total: p.total,
-                        rewrapped: p.rewrapped,
-                        completed: false,
-                    }));
-                }
-                ControlFlow::Continue(())
-            });
-            let msg = match out {
-                Ok(RotationOutcome::Completed {
-                    from,
-                    to,
-                    rewrapped,
-                }) => {
-                    tracing::info!(from, to, rewrapped, "root rotation completed");
-                    Ok(pb::RotateRootProgress {
-                        from_version: from,
-                        to_version: to,
-                        done: rewrapped,
-                        total: rewrapped,
+        let audit = self.state.audit_ctx(&req, "root.rotate", None);
+        let res: Result<Response<Self::RotateRootStream>, Status> = async move {
+            let who = caller(&req)?;
+            self.state
+                .authorize(&who, Capability::SystemAdmin, SYSTEM_RESOURCE)?;
+            let (tx, rx) = tokio::sync::mpsc::channel(16);
+            let secrets = self.state.secrets.clone();
+            tracing::info!(caller = %who.identity.display_short(), "root rotation requested");
+            tokio::task::spawn_blocking(move || {
+                let mut last = std::time::Instant::now();
+                let out = secrets.rotate_root(&mut |p| {
+                    // Throttle to ~20 updates/s; a gone client does not stop the rotation.
+                    if last.elapsed().as_millis() >= 50 || p.done == p.total {
+                        last = std::time::Instant::now();
+                        let _ = tx.blocking_send(Ok(pb::RotateRootProgress {
+                            from_version: p.from,
+                            to_version: p.to,
+                            done: p.done,
+                            total: p.total,
+                            rewrapped: p.rewrapped,
+                            completed: false,
+                        }));
+                    }
+                    ControlFlow::Continue(())
+                });
+                let msg = match out {
+                    Ok(RotationOutcome::Completed {
+                        from,
+                        to,
                         rewrapped,
-                        completed: true,
-                    })
-                }
-                Ok(RotationOutcome::Interrupted { to, .. }) => Err(Status::aborted(format!(
-                    "rotation to v{to} was interrupted; run it again to resume"
-                ))),
-                Err(e) => {
-                    tracing::error!(error = %e, "root rotation failed");
-                    Err(status_of(e))
-                }
-            };
-            let _ = tx.blocking_send(msg);
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+                    }) => {
+                        tracing::info!(from, to, rewrapped, "root rotation completed");
+                        Ok(pb::RotateRootProgress {
+                            from_version: from,
+                            to_version: to,
+                            done: rewrapped,
+                            total: rewrapped,
+                            rewrapped,
+                            completed: true,
+                        })
+                    }
+                    Ok(RotationOutcome::Interrupted { to, .. }) => Err(Status::aborted(format!(
+                        "rotation to v{to} was interrupted; run it again to resume"
+                    ))),
+                    Err(e) => {
+                        tracing::error!(error = %e, "root rotation failed");
+                        Err(status_of(e))
+                    }
+                };
+                let _ = tx.blocking_send(msg);
+            });
+            Ok(Response::new(
+                Box::pin(ReceiverStream::new(rx)) as Self::RotateRootStream
+            ))
+        }
+        .await;
+        self.state.audited(audit, res).await
     }
 }

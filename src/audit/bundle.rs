@@ -734,10 +734,13 @@ pub fn verify_bundle_with(dir: &Path, opts: &VerifyOptions) -> Result<Report, Ve
         lines.pop();
     }
     let leaves: Vec<Hash> = lines.iter().map(|l| leaf_hash(l)).collect();
-    let parsed: Vec<Result<AuditEvent, String>> = lines
-        .iter()
-        .map(|l| AuditEvent::decode(l).map_err(|e| e.to_string()))
-        .collect();
+    // The seq a line claims, read leniently (only to describe a bad line).
+    let claimed = |j: usize| -> Option<u64> {
+        serde_json::from_slice::<serde_json::Value>(lines.get(j)?)
+            .ok()?
+            .get("seq")?
+            .as_u64()
+    };
     let first_seq = m.first_seq.unwrap_or(1);
     if m.count > 0 && (m.first_seq.is_none() || m.last_seq.is_none()) {
         return Err(malformed(MANIFEST_FILE, "events without a range"));
@@ -771,10 +774,6 @@ pub fn verify_bundle_with(dir: &Path, opts: &VerifyOptions) -> Result<Report, Ve
         if expected.len() as u64 != m.count {
             return Err(malformed(LEAVES_FILE, "count differs from the manifest"));
         }
-        let claimed: Vec<Option<u64>> = parsed
-            .iter()
-            .map(|p| p.as_ref().ok().map(|e| e.seq))
-            .collect();
         if let Some((seq, line, problem)) = localize(&expected, &leaves, &claimed) {
             return Err(VerifyError::Event {
                 seq,
@@ -785,13 +784,13 @@ pub fn verify_bundle_with(dir: &Path, opts: &VerifyOptions) -> Result<Report, Ve
     }
 
     // 2. Each line on its own: canonical, consecutive, time never backwards.
-    let mut prev_time = None;
-    for (i, p) in parsed.iter().enumerate() {
+    let (mut first_time, mut last_time) = (None, None);
+    for (i, line) in lines.iter().enumerate() {
         let want = first_seq + i as u64;
-        let ev = p.as_ref().map_err(|e| VerifyError::Event {
+        let ev = AuditEvent::decode(line).map_err(|e| VerifyError::Event {
             seq: want,
             line: Some(i + 1),
-            problem: EventProblem::Malformed(e.clone()),
+            problem: EventProblem::Malformed(e.to_string()),
         })?;
         if ev.seq != want {
             return Err(VerifyError::Event {
@@ -804,14 +803,15 @@ pub fn verify_bundle_with(dir: &Path, opts: &VerifyOptions) -> Result<Report, Ve
                 },
             });
         }
-        if prev_time.is_some_and(|t| ev.time < t) {
+        if last_time.is_some_and(|t| ev.time < t) {
             return Err(VerifyError::Event {
                 seq: want,
                 line: Some(i + 1),
                 problem: EventProblem::TimeOrder,
             });
         }
-        prev_time = Some(ev.time);
+        first_time = first_time.or(Some(ev.time));
+        last_time = Some(ev.time);
     }
     if lines.len() as u64 != m.count {
         return Err(VerifyError::Count {
@@ -819,8 +819,6 @@ pub fn verify_bundle_with(dir: &Path, opts: &VerifyOptions) -> Result<Report, Ve
             found: lines.len() as u64,
         });
     }
-    let first_time = parsed.first().and_then(|p| p.as_ref().ok()).map(|e| e.time);
-    let last_time = parsed.last().and_then(|p| p.as_ref().ok()).map(|e| e.time);
     if first_time != m.first_time || last_time != m.last_time {
         return Err(malformed(
             MANIFEST_FILE,
@@ -999,7 +997,7 @@ pub fn verify_bundle_with(dir: &Path, opts: &VerifyOptions) -> Result<Report, Ve
 fn localize(
     expected: &[(u64, Hash)],
     actual: &[Hash],
-    claimed: &[Option<u64>],
+    claimed: &dyn Fn(usize) -> Option<u64>,
 ) -> Option<(u64, usize, EventProblem)> {
     let (mut i, mut j) = (0usize, 0usize);
     while i < expected.len() && j < actual.len() {
@@ -1024,12 +1022,12 @@ fn localize(
                 }
             }
             Some(_) => EventProblem::Inserted {
-                claimed_seq: claimed[j],
+                claimed_seq: claimed(j),
             },
             None => {
                 if actual.get(j + 1) == Some(&expected[i].1) {
                     EventProblem::Inserted {
-                        claimed_seq: claimed[j],
+                        claimed_seq: claimed(j),
                     }
                 } else {
                     EventProblem::Modified
@@ -1047,7 +1045,7 @@ fn localize(
             next,
             j + 1,
             EventProblem::Inserted {
-                claimed_seq: claimed[j],
+                claimed_seq: claimed(j),
             },
         ));
     }
@@ -1068,7 +1066,7 @@ mod tests {
 
     fn run(actual: &[u8]) -> Option<(u64, usize, EventProblem)> {
         let a: Vec<Hash> = actual.iter().map(|i| h(*i)).collect();
-        let claimed: Vec<Option<u64>> = actual.iter().map(|i| Some(u64::from(*i))).collect();
+        let claimed = |j: usize| actual.get(j).map(|i| u64::from(*i));
         localize(&exp(6), &a, &claimed)
     }
 

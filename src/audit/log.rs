@@ -8,8 +8,9 @@
 //! - `audit_leaves`: seq (u64 BE) → leaf hash (32 bytes).
 //! - `audit_nodes`: level (u8) ‖ index (u64 BE) → hash of the perfect
 //!   subtree of 2^level leaves starting at leaf `index << level`, written
-//!   when it completes (on average one per event). Any tree head or proof is
-//!   then O(log n) reads (O(log² n) for a proof).
+//!   when it completes, for levels ≥ [`STORED_NODE_MIN_LEVEL`] (one key per
+//!   16 events; smaller subtrees are rehashed from at most 16 leaves). Any
+//!   tree head or proof is then O(log n) reads (O(log² n) for a proof).
 //! - `audit_checkpoints`: tree size (u64 BE) → signed checkpoint note.
 //! - `audit_meta`: `origin`, `signing_key` (the [`SigningKeyRef`]), `tree`
 //!   (size, right-edge compact range, last event time), `pruned` (size and
@@ -54,6 +55,9 @@ const META_KEY: &[u8] = b"signing_key";
 const META_TREE: &[u8] = b"tree";
 const META_PRUNED: &[u8] = b"pruned";
 const META_EXPORTED: &[u8] = b"exported";
+
+/// Completed subtrees of at least 2^this leaves are stored in `audit_nodes`.
+pub const STORED_NODE_MIN_LEVEL: u8 = 4;
 
 /// Deletions per sled batch when pruning.
 const PRUNE_CHUNK: usize = 10_000;
@@ -250,7 +254,7 @@ pub(crate) struct Shared {
 /// The audit log. Cheap to share behind an `Arc`; every method takes `&self`.
 pub struct AuditLog {
     shared: Arc<Shared>,
-    tx: RwLock<Option<SyncSender<Request>>>,
+    tx: RwLock<Option<SyncSender<Box<Request>>>>,
     ctl: Mutex<Option<mpsc::Sender<Ctl>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -402,7 +406,7 @@ impl AuditLog {
             cfg,
         });
 
-        let (tx, rx) = mpsc::sync_channel::<Request>(shared.cfg.queue_capacity.max(1));
+        let (tx, rx) = mpsc::sync_channel::<Box<Request>>(shared.cfg.queue_capacity.max(1));
         let (ctl_tx, ctl_rx) = mpsc::channel::<Ctl>();
         let spawn_err = |e: std::io::Error| AuditError::Io {
             path: "audit threads".into(),
@@ -465,13 +469,14 @@ impl AuditLog {
         let guard = self.tx.read();
         let tx = guard.as_ref().ok_or(AuditError::Closed)?;
         self.shared.counters.queued.fetch_add(1, Ordering::Relaxed);
-        tx.try_send(Request { event, reply }).map_err(|e| {
-            self.shared.counters.queued.fetch_sub(1, Ordering::Relaxed);
-            match e {
-                TrySendError::Full(_) => AuditError::QueueFull(self.shared.cfg.queue_capacity),
-                TrySendError::Disconnected(_) => AuditError::Closed,
-            }
-        })
+        tx.try_send(Box::new(Request { event, reply }))
+            .map_err(|e| {
+                self.shared.counters.queued.fetch_sub(1, Ordering::Relaxed);
+                match e {
+                    TrySendError::Full(_) => AuditError::QueueFull(self.shared.cfg.queue_capacity),
+                    TrySendError::Disconnected(_) => AuditError::Closed,
+                }
+            })
     }
 
     /// Appends an event; resolves to its sequence number once it is durable
@@ -707,7 +712,7 @@ impl AuditLog {
             events_removed = events_removed.max(n as u64);
         }
         let mut nodes_removed = 0u64;
-        for level in 1..64u8 {
+        for level in STORED_NODE_MIN_LEVEL..64u8 {
             let end_index = target >> level;
             if end_index == 0 {
                 break;
@@ -863,11 +868,14 @@ impl Shared {
 
     /// Records that a checkpoint of `size` was exported (kept: the largest).
     pub(crate) fn mark_exported(&self, size: u64) -> Result<(), AuditError> {
-        let cur = self.exported_size()?;
-        if size > cur {
-            self.t.meta.insert(META_EXPORTED, &size.to_be_bytes())?;
-            self.db.flush()?;
-        }
+        self.t.meta.update_and_fetch(META_EXPORTED, |old| {
+            let cur = old
+                .and_then(|v| v.try_into().ok())
+                .map(u64::from_be_bytes)
+                .unwrap_or(0);
+            Some(cur.max(size).to_be_bytes().to_vec())
+        })?;
+        self.db.flush()?;
         Ok(())
     }
 
@@ -1020,7 +1028,7 @@ fn recover(t: &Trees, db: &sled::Db, size: u64, pruned: u64) -> Result<(), Audit
         }
         tree.apply_batch(batch)?;
     }
-    for level in 1..64u8 {
+    for level in STORED_NODE_MIN_LEVEL..64u8 {
         let mut batch = sled::Batch::default();
         let from = NodeId::new(level, size >> level).key();
         let to = NodeId::new(level + 1, 0).key();
@@ -1047,7 +1055,12 @@ fn recover(t: &Trees, db: &sled::Db, size: u64, pruned: u64) -> Result<(), Audit
 }
 
 /// The group-commit writer: one batch at a time, one flush per batch.
-fn writer_loop(sh: &Shared, mut tree: TreeMeta, rx: &Receiver<Request>, nudge: &mpsc::Sender<Ctl>) {
+fn writer_loop(
+    sh: &Shared,
+    mut tree: TreeMeta,
+    rx: &Receiver<Box<Request>>,
+    nudge: &mpsc::Sender<Ctl>,
+) {
     let max_batch = sh.cfg.max_batch.max(1);
     // Whether `tree` holds written but not yet flushed events.
     let mut unflushed = false;
@@ -1070,7 +1083,10 @@ fn writer_loop(sh: &Shared, mut tree: TreeMeta, rx: &Receiver<Request>, nudge: &
     }
 }
 
-fn commit(sh: &Shared, tree: &mut TreeMeta, unflushed: &mut bool, batch: Vec<Request>) {
+// Requests are boxed where they are queued (small channel slots); the
+// batch keeps them boxed rather than moving each out.
+#[allow(clippy::vec_box)]
+fn commit(sh: &Shared, tree: &mut TreeMeta, unflushed: &mut bool, batch: Vec<Box<Request>>) {
     // Injected faults.
     loop {
         match Fault::from_u8(sh.fault.load(Ordering::SeqCst)) {
@@ -1108,7 +1124,11 @@ fn commit(sh: &Shared, tree: &mut TreeMeta, unflushed: &mut bool, batch: Vec<Req
         };
         last_time = ev.time;
         let leaf = leaf_hash(&bytes);
-        cr.append(leaf, |id, h| nodes.push((id, *h)));
+        cr.append(leaf, |id, h| {
+            if id.level >= STORED_NODE_MIN_LEVEL {
+                nodes.push((id, *h));
+            }
+        });
         rows.push((seq, bytes, leaf));
         replies.push((req.reply, seq));
     }
@@ -1185,7 +1205,10 @@ fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
-fn fail_batch(sh: &Shared, batch: Vec<Request>, msg: &str) {
+// Requests are boxed where they are queued (small channel slots); the
+// batch keeps them boxed rather than moving each out.
+#[allow(clippy::vec_box)]
+fn fail_batch(sh: &Shared, batch: Vec<Box<Request>>, msg: &str) {
     fail_replies(sh, batch.into_iter().map(|r| (r.reply, 0)).collect(), msg);
 }
 

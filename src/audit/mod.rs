@@ -66,7 +66,7 @@ impl Default for AuditConfig {
             checkpoint_interval: Duration::from_secs(60),
             deadline: Duration::from_secs(2),
             max_batch: 4096,
-            queue_capacity: 65_536,
+            queue_capacity: 16_384,
         }
     }
 }

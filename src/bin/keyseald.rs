@@ -199,6 +199,15 @@ async fn run(
         Ok(p) => Arc::new(p),
         Err(e) => return fail(exit::IO, format!("cannot open the proxy store: {e}")),
     };
+    let audit = if cfg.audit_unsafe_disable {
+        tracing::warn!("audit.unsafe_disable = true: NOTHING IS AUDITED (for measurement only; never in production)");
+        None
+    } else {
+        match keyseal::audit::AuditLog::open(&secrets, cfg.audit.clone()) {
+            Ok(a) => Some(Arc::new(a)),
+            Err(e) => return fail(exit::IO, format!("cannot open the audit log: {e}")),
+        }
+    };
     let (events, _) = tokio::sync::broadcast::channel(1024);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let state = Arc::new(DaemonState {
@@ -212,7 +221,15 @@ async fn run(
         keys,
         shutdown: stop_rx.clone(),
         proxies: proxies.clone(),
+        audit: audit.clone(),
     });
+    state
+        .audit_lifecycle(
+            "daemon.start",
+            keyseal::audit::Outcome::Ok,
+            &[("version", env!("CARGO_PKG_VERSION").to_owned())],
+        )
+        .await;
     // An interrupted root rotation resumes in the background.
     if let Ok(Some(to)) = secrets.pending_rotation() {
         tracing::warn!(to, "resuming an interrupted root rotation");
@@ -235,6 +252,7 @@ async fn run(
         _ => return fail(exit::FAILURE, "cannot install signal handlers"),
     };
     let policy_path = cfg.policy_path.clone();
+    let sig_state = state.clone();
     let signals = tokio::spawn(async move {
         loop {
             tokio::select! {
@@ -246,8 +264,14 @@ async fn run(
                             Ok(()) => {
                                 tracing::info!(rules = policy.current().rule_count(), "policy reloaded");
                                 sd_notify("STATUS=policy reloaded");
+                                sig_state.audit_lifecycle("policy.reload", keyseal::audit::Outcome::Ok,
+                                    &[("rules", policy.current().rule_count().to_string())]).await;
                             }
-                            Err(e) => tracing::error!(error = %e, "policy reload rejected; keeping the old policy"),
+                            Err(e) => {
+                                tracing::error!(error = %e, "policy reload rejected; keeping the old policy");
+                                sig_state.audit_lifecycle("policy.reload", keyseal::audit::Outcome::Error,
+                                    &[("kept", "old policy".to_owned())]).await;
+                            }
                         },
                         None => tracing::warn!("SIGHUP: no policy.path configured"),
                     }
@@ -288,8 +312,20 @@ async fn run(
         "READY=1\nSTATUS=serving on {}",
         cfg.socket.display()
     ));
-    let res = serve(state, listener, wait(stop_rx)).await;
+    let res = serve(state.clone(), listener, wait(stop_rx)).await;
     signals.abort();
+    state
+        .audit_lifecycle("daemon.stop", keyseal::audit::Outcome::Ok, &[])
+        .await;
+    if let Some(a) = &audit {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        if let Err(e) = a.close(now) {
+            tracing::error!(error = %e, "final audit checkpoint failed");
+        }
+    }
     match res {
         Ok(()) => {
             tracing::info!("stopped");

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 mod apikey;
 
+mod audit;
 mod key;
 
 mod proxy;
@@ -39,6 +40,9 @@ enum Cmd {
     /// Secrets: put, get, ls, history, rm, undelete, destroy, watch.
     #[command(subcommand)]
     Secret(SecretCmd),
+    /// The signed audit log: export, verify (offline), tail, query, hash.
+    #[command(subcommand)]
+    Audit(audit::Cmd),
     /// Signing keys held in the root device: create, sign, verify, rotate, jwks.
     #[command(subcommand)]
     Key(key::Cmd),
@@ -290,6 +294,7 @@ async fn dispatch(cli: Cli) -> Res {
         Cmd::Apikey(c) => apikey::run(&cli.socket, c).await,
         Cmd::Scan(a) => apikey::scan(&cli.socket, a).await,
         Cmd::Key(c) => key::run(&cli.socket, c).await,
+        Cmd::Audit(c) => audit::run(&cli.socket, c).await,
         Cmd::Target(c) => proxy::target(&cli.socket, c).await,
         Cmd::Proxy(c) => proxy::proxy(&cli.socket, c).await,
         Cmd::Rule(c) => proxy::rule(&cli.socket, c).await,

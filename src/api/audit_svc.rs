@@ -1,0 +1,263 @@
+//! `keyseal.v1.Audit`: export signed bundles, query, tail, and the audit
+//! HMAC of sensitive identifiers. Everything needs `audit:read`.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use super::pb::{self, audit_server::Audit};
+use super::{caller, DaemonState};
+use crate::audit::{AuditLog, EventFilter, EventRange, ExportOptions, Outcome};
+use crate::policy::Capability;
+
+/// Name checked for `audit:read` (a system capability; the name is ignored).
+const AUDIT_RESOURCE: &str = "audit";
+/// Bytes per streamed bundle chunk.
+const CHUNK: usize = 1024 * 1024;
+
+/// The Audit service.
+pub struct AuditService {
+    pub state: Arc<DaemonState>,
+}
+
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::AuditBundleChunk, Status>> + Send>>;
+type LineStream = Pin<Box<dyn Stream<Item = Result<pb::AuditEventLine, Status>> + Send>>;
+
+fn unix_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn opt(v: u64) -> Option<u64> {
+    (v != 0).then_some(v)
+}
+
+fn audit_err(e: crate::audit::AuditError) -> Status {
+    if e.is_unavailable() {
+        Status::unavailable(e.to_string())
+    } else {
+        Status::internal(e.to_string())
+    }
+}
+
+impl AuditService {
+    fn log(&self) -> Result<Arc<AuditLog>, Status> {
+        self.state.audit.clone().ok_or_else(|| {
+            Status::failed_precondition("auditing is disabled (audit.unsafe_disable)")
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl Audit for AuditService {
+    type ExportStream = ChunkStream;
+
+    async fn export(
+        &self,
+        req: Request<pb::AuditExportRequest>,
+    ) -> Result<Response<Self::ExportStream>, Status> {
+        let audit = self.state.audit_ctx(&req, "audit.export", None);
+        let res: Result<Response<Self::ExportStream>, Status> = async {
+            let who = caller(&req)?;
+            self.state
+                .authorize(&who, Capability::AuditRead, AUDIT_RESOURCE)?;
+            let log = self.log()?;
+            let r = req.get_ref();
+            let after = (!r.after_checkpoint.is_empty()).then(|| r.after_checkpoint.clone());
+            if after.as_ref().is_some_and(|a| a.len() > 64 * 1024) {
+                return Err(Status::invalid_argument("after_checkpoint is too long"));
+            }
+            let opts = ExportOptions {
+                range: EventRange::Time {
+                    since: opt(r.since_ms),
+                    until: opt(r.until_ms),
+                },
+                after,
+                now: unix_secs(),
+            };
+            // Export into a private temp dir, read it back, remove it.
+            let files = self
+                .state
+                .run_blocking(move || {
+                    let dir = tempfile::Builder::new()
+                        .prefix("keyseal-export-")
+                        .tempdir()
+                        .map_err(|e| Status::internal(format!("temp dir: {e}")))?;
+                    let out = dir.path().join("bundle");
+                    log.export(&opts, &out).map_err(|e| match e {
+                        crate::audit::AuditError::InvalidArgument(m) => Status::invalid_argument(m),
+                        other => audit_err(other),
+                    })?;
+                    let mut files = Vec::new();
+                    let mut entries: Vec<_> = std::fs::read_dir(&out)
+                        .map_err(|e| Status::internal(e.to_string()))?
+                        .filter_map(Result::ok)
+                        .collect();
+                    entries.sort_by_key(|e| e.file_name());
+                    for e in entries {
+                        let name = e.file_name().to_string_lossy().into_owned();
+                        let data =
+                            std::fs::read(e.path()).map_err(|e| Status::internal(e.to_string()))?;
+                        files.push((name, data));
+                    }
+                    Ok(files)
+                })
+                .await?;
+            let (tx, rx) = tokio::sync::mpsc::channel(8);
+            tokio::spawn(async move {
+                for (name, data) in files {
+                    let chunks: Vec<&[u8]> = if data.is_empty() {
+                        vec![&[][..]]
+                    } else {
+                        data.chunks(CHUNK).collect()
+                    };
+                    let n = chunks.len();
+                    for (i, c) in chunks.into_iter().enumerate() {
+                        let msg = pb::AuditBundleChunk {
+                            file: name.clone(),
+                            data: c.to_vec(),
+                            last_of_file: i + 1 == n,
+                        };
+                        if tx.send(Ok(msg)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+            Ok(Response::new(
+                Box::pin(ReceiverStream::new(rx)) as Self::ExportStream
+            ))
+        }
+        .await;
+        self.state.audited(audit, res).await
+    }
+
+    async fn query(
+        &self,
+        req: Request<pb::AuditQueryRequest>,
+    ) -> Result<Response<pb::AuditQueryResponse>, Status> {
+        let audit = self.state.audit_ctx(&req, "audit.query", None);
+        let res: Result<Response<pb::AuditQueryResponse>, Status> = async {
+            let who = caller(&req)?;
+            self.state
+                .authorize(&who, Capability::AuditRead, AUDIT_RESOURCE)?;
+            let log = self.log()?;
+            let r = req.into_inner();
+            let result = match r.result.as_str() {
+                "" => None,
+                s => Some(Outcome::parse(s).ok_or_else(|| {
+                    Status::invalid_argument("result must be ok, denied or error")
+                })?),
+            };
+            let nz = |s: String| (!s.is_empty()).then_some(s);
+            let filter = EventFilter {
+                actor: nz(r.actor),
+                op: nz(r.op),
+                target: nz(r.target),
+                result,
+                since: opt(r.since_ms),
+                until: opt(r.until_ms),
+            };
+            let limit = match r.limit {
+                0 => 100,
+                n => n.min(1000) as usize,
+            };
+            let from = r.after_seq.saturating_add(1);
+            let (events, next) = self
+                .state
+                .run_blocking(move || log.query(&filter, from, limit).map_err(audit_err))
+                .await?;
+            let mut lines = Vec::with_capacity(events.len());
+            for e in events {
+                let b = e.encode().map_err(|e| Status::internal(e.to_string()))?;
+                lines.push(String::from_utf8_lossy(&b).into_owned());
+            }
+            Ok(Response::new(pb::AuditQueryResponse {
+                events: lines,
+                next_seq: next.map(|n| n - 1).unwrap_or(0),
+            }))
+        }
+        .await;
+        self.state.audited(audit, res).await
+    }
+
+    type TailStream = LineStream;
+
+    async fn tail(
+        &self,
+        req: Request<pb::AuditTailRequest>,
+    ) -> Result<Response<Self::TailStream>, Status> {
+        let audit = self.state.audit_ctx(&req, "audit.tail", None);
+        let res: Result<Response<Self::TailStream>, Status> = async {
+            let who = caller(&req)?;
+            self.state.authorize(&who, Capability::AuditRead, AUDIT_RESOURCE)?;
+            let log = self.log()?;
+            let r = req.into_inner();
+            let last = if r.last == 0 { 10 } else { u64::from(r.last.min(10_000)) };
+            let size = log.head().size;
+            let start = size.saturating_sub(last).saturating_add(1).max(log.first_seq());
+            let mut shutdown = self.state.shutdown.clone();
+            let (tx, rx) = tokio::sync::mpsc::channel(64);
+            tokio::spawn(async move {
+                let mut next = start;
+                let mut size_rx = log.watch_size();
+                loop {
+                    let l = log.clone();
+                    let from = next;
+                    let page = tokio::task::spawn_blocking(move || l.query(&EventFilter::default(), from, 1000)).await;
+                    let Ok(Ok((events, _))) = page else {
+                        let _ = tx.send(Err(Status::unavailable("audit log read failed"))).await;
+                        return;
+                    };
+                    for e in events {
+                        next = e.seq + 1;
+                        let Ok(b) = e.encode() else { continue };
+                        let line = pb::AuditEventLine { json: String::from_utf8_lossy(&b).into_owned() };
+                        if tx.send(Ok(line)).await.is_err() {
+                            return;
+                        }
+                    }
+                    if !r.follow {
+                        return;
+                    }
+                    tokio::select! {
+                        _ = tx.closed() => return,
+                        c = shutdown.changed() => {
+                            if c.is_err() || *shutdown.borrow() {
+                                let _ = tx.send(Err(Status::unavailable("keyseald is shutting down"))).await;
+                                return;
+                            }
+                        }
+                        c = size_rx.changed() => { if c.is_err() { return; } }
+                    }
+                }
+            });
+            Ok(Response::new(Box::pin(ReceiverStream::new(rx)) as Self::TailStream))
+        }
+        .await;
+        self.state.audited(audit, res).await
+    }
+
+    async fn hash(
+        &self,
+        req: Request<pb::AuditHashRequest>,
+    ) -> Result<Response<pb::AuditHashResponse>, Status> {
+        let audit = self.state.audit_ctx(&req, "audit.hash", None);
+        let res: Result<Response<pb::AuditHashResponse>, Status> = async {
+            let who = caller(&req)?;
+            self.state
+                .authorize(&who, Capability::AuditRead, AUDIT_RESOURCE)?;
+            let log = self.log()?;
+            Ok(Response::new(pb::AuditHashResponse {
+                hash: log.hash(&req.get_ref().value),
+            }))
+        }
+        .await;
+        self.state.audited(audit, res).await
+    }
+}
