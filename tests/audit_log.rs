@@ -956,7 +956,7 @@ fn measure(b: Backend) {
     let n: u64 = std::env::var("AUDIT_MEASURE_EVENTS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(20_000);
+        .unwrap_or(10_000);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_time()
@@ -965,7 +965,7 @@ fn measure(b: Backend) {
     let t = Instant::now();
     let mut i = 0u64;
     while i < n {
-        let chunk = (n - i).min(20_000);
+        let chunk = (n - i).min(10_000);
         let futs: Vec<_> = (i..i + chunk)
             .map(|k| grouped.append(ev(2_000_000 + k)))
             .collect();

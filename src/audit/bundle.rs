@@ -701,6 +701,16 @@ pub fn verify_bundle_with(dir: &Path, opts: &VerifyOptions) -> Result<Report, Ve
     let Some(main) = cps.first().cloned() else {
         return Err(malformed(CHECKPOINTS_FILE, "no checkpoint"));
     };
+    if m.checkpoints != cps.len() as u64 {
+        return Err(malformed(
+            CHECKPOINTS_FILE,
+            format!(
+                "{} checkpoints, the manifest says {}",
+                cps.len(),
+                m.checkpoints
+            ),
+        ));
+    }
     if notes.first() != Some(&m.checkpoint) {
         return Err(malformed(
             CHECKPOINTS_FILE,
@@ -763,7 +773,7 @@ pub fn verify_bundle_with(dir: &Path, opts: &VerifyOptions) -> Result<Report, Ve
             let seq: u64 = s
                 .parse()
                 .map_err(|_| malformed(LEAVES_FILE, format!("line {}", i + 1)))?;
-            if seq != first_seq + i as u64 {
+            if seq != first_seq.saturating_add(i as u64) {
                 return Err(malformed(
                     LEAVES_FILE,
                     format!("line {} is out of order", i + 1),
@@ -786,7 +796,7 @@ pub fn verify_bundle_with(dir: &Path, opts: &VerifyOptions) -> Result<Report, Ve
     // 2. Each line on its own: canonical, consecutive, time never backwards.
     let (mut first_time, mut last_time) = (None, None);
     for (i, line) in lines.iter().enumerate() {
-        let want = first_seq + i as u64;
+        let want = first_seq.saturating_add(i as u64);
         let ev = AuditEvent::decode(line).map_err(|e| VerifyError::Event {
             seq: want,
             line: Some(i + 1),
@@ -1040,7 +1050,7 @@ fn localize(
         return Some((expected[i].0, j + 1, EventProblem::Missing));
     }
     if j < actual.len() {
-        let next = expected.last().map(|e| e.0 + 1).unwrap_or(1);
+        let next = expected.last().map_or(1, |e| e.0.saturating_add(1));
         return Some((
             next,
             j + 1,
