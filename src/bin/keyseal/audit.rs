@@ -27,7 +27,15 @@ pub enum Cmd {
         out: PathBuf,
     },
     /// Verify an exported bundle offline (no daemon, no root device).
-    Verify { dir: PathBuf },
+    Verify {
+        dir: PathBuf,
+        /// The audit public key (PEM) you trust; the bundle's key must be it.
+        #[arg(long)]
+        key: Option<PathBuf>,
+        /// Your copy of the previous export's checkpoint: the bundle must prove consistency with it.
+        #[arg(long)]
+        after: Option<PathBuf>,
+    },
     /// Show the newest events; -f keeps following.
     Tail {
         #[arg(short = 'n', long, default_value_t = 10)]
@@ -125,8 +133,21 @@ fn print_event(line: &str, json: bool) {
 }
 
 pub async fn run(socket: &std::path::Path, c: Cmd) -> Res {
-    if let Cmd::Verify { dir } = c {
-        return match keyseal::audit::verify_bundle(&dir) {
+    if let Cmd::Verify { dir, key, after } = c {
+        let read = |p: &PathBuf| {
+            std::fs::read_to_string(p).map_err(|e| {
+                Failure::new(
+                    exit::DATA,
+                    format!("cannot read {}: {e}", p.display()),
+                    None,
+                )
+            })
+        };
+        let opts = keyseal::audit::VerifyOptions {
+            trusted_key_pem: key.as_ref().map(read).transpose()?,
+            after: after.as_ref().map(read).transpose()?,
+        };
+        return match keyseal::audit::verify_bundle_with(&dir, &opts) {
             Ok(r) => {
                 println!(
                     "OK: {} events (seq {}..{}), tree size {}, root {}, {} checkpoint signature(s) verified{}",
