@@ -15,6 +15,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Carries a target credential's value (src/api/proxy_svc.rs).
         .skip_debug(["keyseal.v1.PutCredentialRequest"])
         .skip_debug(["keyseal.v1.AuditHashRequest"])
+        .skip_debug([
+            "keyseal.v1.MintTokenRequest",
+            "keyseal.v1.MintTokenResponse",
+        ])
         .compile_protos(
             &[
                 "proto/keyseal/v1/secrets.proto",

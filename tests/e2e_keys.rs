@@ -257,3 +257,92 @@ both_backends!(
     rotate_disable_and_jwks,
     key_capabilities_are_enforced
 );
+
+/// An API key is exchanged for a JWT signed by a hardware key; PyJWT (an
+/// independent library) verifies it against the JWKS keyseal prints.
+fn jwt_minted_and_verified_independently(b: Backend) {
+    let d = TestDaemon::start(b, ROOT_POLICY);
+    let dir = d.dir().to_path_buf();
+    let issued = d.run(
+        &[
+            "apikey", "issue", "--owner", "team-a", "--scope", "read", "--scope", "write",
+        ],
+        b"",
+    );
+    assert!(
+        issued.status.success(),
+        "{}",
+        String::from_utf8_lossy(&issued.stderr)
+    );
+    let api_key = String::from_utf8(issued.stdout).unwrap().trim().to_owned();
+    assert!(api_key.starts_with("ks_live_"), "{api_key}");
+    let algs: &[&str] = match b {
+        Backend::SoftHsm => &["ecdsa-p256", "ed25519"],
+        Backend::Tpm => &["ecdsa-p256"],
+    };
+    for alg in algs {
+        let name = format!("tok/{alg}");
+        assert!(d
+            .cli(&["key", "create", &name, "--alg", alg])
+            .output()
+            .unwrap()
+            .status
+            .success());
+        let out = d.run(&["key", "token", &name, "--ttl", "600"], api_key.as_bytes());
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let token = String::from_utf8(out.stdout).unwrap();
+        assert_eq!(token.trim().split('.').count(), 3, "{token}");
+        std::fs::write(dir.join("token"), &token).unwrap();
+        let jwks = d.cli(&["key", "jwks", &name]).output().unwrap();
+        std::fs::write(dir.join("jwks.json"), &jwks.stdout).unwrap();
+        let py = std::process::Command::new("python3")
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/python/verify_jwt.py"
+            ))
+            .arg(dir.join("jwks.json"))
+            .arg(dir.join("token"))
+            .output()
+            .unwrap();
+        assert!(
+            py.status.success(),
+            "PyJWT rejected the {alg} token: {}",
+            String::from_utf8_lossy(&py.stderr)
+        );
+        let claims: serde_json::Value = serde_json::from_slice(&py.stdout).unwrap();
+        assert_eq!(claims["sub"], "team-a");
+        assert_eq!(claims["scope"], "read write");
+        let ttl = claims["exp"].as_u64().unwrap() - claims["iat"].as_u64().unwrap();
+        assert_eq!(ttl, 600);
+        // the API key never reaches the log
+        assert!(!d.log_text().contains(&api_key));
+    }
+    // a bad key (typo) and a revoked key get no token
+    let mut typo = api_key.clone().into_bytes();
+    let i = typo.len() - 8;
+    typo[i] = if typo[i] == b'a' { b'b' } else { b'a' };
+    let out = d.run(&["key", "token", "tok/ecdsa-p256"], &typo);
+    assert_eq!(
+        out.status.code(),
+        Some(77),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = d
+        .cli(&["apikey", "revoke", "--owner", "team-a"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = d.run(&["key", "token", "tok/ecdsa-p256"], api_key.as_bytes());
+    assert_eq!(out.status.code(), Some(77), "revoked key minted a token");
+}
+
+both_backends!(jwt_minted_and_verified_independently);

@@ -540,7 +540,19 @@ fn store_with_newer_schema_is_refused() {
             .unwrap();
         db.flush().unwrap();
     }
-    match Store::open(dir.path()) {
+    // sled's background flusher may hold the lock file for a moment after
+    // the handle is dropped: retry while it says "locked".
+    let mut opened = Store::open(dir.path());
+    for _ in 0..100 {
+        match &opened {
+            Err(StoreError::Open { reason, .. }) if reason.contains("locked") => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                opened = Store::open(dir.path());
+            }
+            _ => break,
+        }
+    }
+    match opened {
         Err(e @ StoreError::SchemaTooNew { found: 99, .. }) => {
             assert!(e.to_string().contains("upgrade keyseal"))
         }

@@ -378,4 +378,96 @@ impl KeysApi for KeysService {
         .await;
         self.state.audited(audit, res).await
     }
+
+    async fn mint_token(
+        &self,
+        req: Request<pb::MintTokenRequest>,
+    ) -> Result<Response<pb::MintTokenResponse>, Status> {
+        let audit = self.state.audit_ctx(
+            &req,
+            "key.mint_token",
+            Some(req.get_ref().key_name.as_str()),
+        );
+        let res: Result<Response<pb::MintTokenResponse>, Status> = async move {
+            let who = caller(&req)?;
+            let r = req.into_inner();
+            let name = parse_name(&r.key_name)?;
+            self.state
+                .authorize(&who, Capability::KeySign, name.as_str())?;
+            let ttl = match r.ttl_secs {
+                0 => 900,
+                t if t > 86_400 => {
+                    return Err(Status::invalid_argument("ttl_secs is at most 86400"))
+                }
+                t => u64::from(t),
+            };
+            let key = zeroize::Zeroizing::new(r.api_key);
+            let policy = self.state.policy.current();
+            let may = |owner: &str| {
+                policy
+                    .check(&who.identity, Capability::ApiKeyVerify, owner)
+                    .allowed
+            };
+            let vc = crate::apikeys::VerifyCaller {
+                uid: who.identity.uid,
+                unit: who.identity.system_unit().map(str::to_owned),
+                actor: who.identity.actor(),
+            };
+            let verdict = self
+                .state
+                .apikeys
+                .verify(
+                    &vc,
+                    crate::apikeys::VerifyRequest {
+                        key: &key,
+                        source: None,
+                        required_scopes: &[],
+                        dry_run: false,
+                    },
+                    crate::apikeys::now(),
+                    &may,
+                )
+                .map_err(|e| Status::unauthenticated(format!("API key not accepted: {e}")))?;
+            let v = match verdict {
+                crate::apikeys::Verdict::Valid(v) if v.rate.as_ref().map_or(true, |d| d.allowed) => v,
+                crate::apikeys::Verdict::Valid(_) => {
+                    return Err(Status::resource_exhausted(
+                        "the API key's rate limit is exhausted",
+                    ))
+                }
+                // One answer for every invalid key, whatever the reason.
+                crate::apikeys::Verdict::Invalid { .. } => {
+                    return Err(Status::unauthenticated("API key not accepted"))
+                }
+            };
+            let now = OpCtx::new("").now;
+            let mut jti = [0u8; 16];
+            rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut jti);
+            let claims = crate::keys::TokenClaims {
+                iss: "keyseal".into(),
+                sub: v.owner,
+                scope: v.scopes.join(" "),
+                iat: now,
+                exp: now + ttl,
+                jti: hex::encode(jti),
+                key_id: v.id,
+                env: Default::default(),
+            };
+            let n = name.clone();
+            let (token, kid) = self
+                .keys(move |k| {
+                    let rec = k.get(&n)?;
+                    Ok((k.mint_jwt(&n, &claims)?, kid(&rec.name, rec.current)))
+                })
+                .await?;
+            tracing::info!(key = %name, kid = %kid, "token minted");
+            Ok(Response::new(pb::MintTokenResponse {
+                token,
+                expires_at: now + ttl,
+                kid,
+            }))
+        }
+        .await;
+        self.state.audited(audit, res).await
+    }
 }

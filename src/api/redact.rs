@@ -48,6 +48,26 @@ impl fmt::Debug for super::pb::AuditHashRequest {
     }
 }
 
+impl fmt::Debug for super::pb::MintTokenRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MintTokenRequest")
+            .field("key_name", &self.key_name)
+            .field("api_key", &format_args!("<redacted>"))
+            .field("ttl_secs", &self.ttl_secs)
+            .finish()
+    }
+}
+
+impl fmt::Debug for super::pb::MintTokenResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MintTokenResponse")
+            .field("token", &format_args!("<redacted>"))
+            .field("expires_at", &self.expires_at)
+            .field("kid", &self.kid)
+            .finish()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -765,7 +765,7 @@ pub fn verify_bundle_with(dir: &Path, opts: &VerifyOptions) -> Result<Report, Ve
     if !bad_files.iter().any(|f| f == LEAVES_FILE) {
         let text = String::from_utf8(take(&mut contents, LEAVES_FILE))
             .map_err(|_| malformed(LEAVES_FILE, "not UTF-8"))?;
-        let mut expected: Vec<(u64, Hash)> = Vec::with_capacity(m.count as usize);
+        let mut expected: Vec<(u64, Hash)> = Vec::with_capacity(m.count.min(1 << 16) as usize);
         for (i, line) in text.lines().enumerate() {
             let (s, h) = line
                 .split_once(' ')
@@ -841,7 +841,7 @@ pub fn verify_bundle_with(dir: &Path, opts: &VerifyOptions) -> Result<Report, Ve
     if let (Some(a), Some(b)) = (m.first_seq, m.last_seq) {
         let mut others: HashMap<u64, Vec<&Checkpoint>> = HashMap::new();
         for c in &cps[1..] {
-            if c.size + 1 < a || c.size > b {
+            if c.size.saturating_add(1) < a || c.size > b {
                 return Err(VerifyError::Proof(format!(
                     "checkpoint of size {} is outside the exported range",
                     c.size

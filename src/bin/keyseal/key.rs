@@ -85,6 +85,14 @@ pub enum Cmd {
         #[arg(long)]
         yes: bool,
     },
+    /// Exchange an API key (read from stdin, never argv) for a short-lived
+    /// JWT signed by key NAME; prints the token.
+    Token {
+        name: String,
+        /// Lifetime in seconds (default 900, at most 86400).
+        #[arg(long)]
+        ttl: Option<u32>,
+    },
     /// Print the JWKS (enabled versions) that token verifiers load.
     Jwks {
         #[arg(required = true)]
@@ -326,6 +334,31 @@ pub async fn run(socket: &std::path::Path, c: Cmd) -> Res {
             }
             k.destroy(pb::KeyNameRequest { name: name.clone() }).await?;
             eprintln!("destroyed key {name}");
+            Ok(())
+        }
+        Cmd::Token { name, ttl } => {
+            let mut key = zeroize::Zeroizing::new(String::new());
+            std::io::stdin().read_to_string(&mut key).map_err(|e| {
+                Failure::new(
+                    exit::DATA,
+                    format!("cannot read the API key from stdin: {e}"),
+                    None,
+                )
+            })?;
+            let r = k
+                .mint_token(pb::MintTokenRequest {
+                    key_name: name,
+                    api_key: key.trim().to_owned(),
+                    ttl_secs: ttl.unwrap_or(0),
+                })
+                .await?
+                .into_inner();
+            eprintln!(
+                "token signed with {}, expires at {}",
+                r.kid,
+                super::ts(r.expires_at)
+            );
+            println!("{}", r.token);
             Ok(())
         }
         Cmd::Jwks { names } => {
