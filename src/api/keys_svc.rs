@@ -429,7 +429,11 @@ impl KeysApi for KeysService {
                 )
                 .map_err(|e| Status::unauthenticated(format!("API key not accepted: {e}")))?;
             let v = match verdict {
-                crate::apikeys::Verdict::Valid(v) if v.rate.as_ref().map_or(true, |d| d.allowed) => v,
+                crate::apikeys::Verdict::Valid(v)
+                    if v.rate.as_ref().map_or(true, |d| d.allowed) =>
+                {
+                    v
+                }
                 crate::apikeys::Verdict::Valid(_) => {
                     return Err(Status::resource_exhausted(
                         "the API key's rate limit is exhausted",
