@@ -40,6 +40,11 @@ fn export_verify_and_tamper(b: Backend) {
         !text.contains("value-one"),
         "a secret value reached the audit log"
     );
+    let st = d.cli(&["status", "--json"]).output().unwrap();
+    let st: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+    assert_eq!(st["audit"]["enabled"], true);
+    assert!(st["audit"]["tree_size"].as_u64().unwrap() >= 4, "{st}");
+    assert_eq!(st["audit"]["failures"], 0);
     let dir = d.dir().join("export1");
     let out = d
         .cli(&["audit", "export", "--out", dir.to_str().unwrap()])

@@ -16,6 +16,9 @@ use crate::policy::Capability;
 use crate::root::{RootError, SignAlg};
 use crate::secrets::OpCtx;
 
+/// Bound on key generation (create, rotate).
+const KEYGEN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// The Keys service.
 pub struct KeysService {
     pub state: Arc<DaemonState>,
@@ -132,6 +135,19 @@ impl KeysService {
             .run_blocking(move || f(&keys).map_err(status_of_keys))
             .await
     }
+
+    /// For key generation: RSA-3072 inside a TPM takes seconds, more under
+    /// load, so it gets a longer bound than ordinary requests.
+    async fn keys_slow<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&crate::keys::Keys) -> Result<T, KeysError> + Send + 'static,
+    ) -> Result<T, Status> {
+        let keys = self.state.keys.clone();
+        let limit = self.state.request_timeout.max(KEYGEN_TIMEOUT);
+        self.state
+            .run_blocking_for(limit, move || f(&keys).map_err(status_of_keys))
+            .await
+    }
 }
 
 #[tonic::async_trait]
@@ -156,7 +172,7 @@ impl KeysApi for KeysService {
                 .authorize(&who, Capability::KeyAdmin, name.as_str())?;
             let ctx = OpCtx::new(who.identity.actor());
             let rec = self
-                .keys(move |k| k.create(&name, alg, &ctx.actor, ctx.now))
+                .keys_slow(move |k| k.create(&name, alg, &ctx.actor, ctx.now))
                 .await?;
             tracing::info!(key = %rec.name, alg = rec.alg.as_str(), "signing key created");
             Ok(Response::new(info(rec)?))
@@ -278,7 +294,7 @@ impl KeysApi for KeysService {
             self.state
                 .authorize(&who, Capability::KeyAdmin, name.as_str())?;
             let now = OpCtx::new("").now;
-            let rec = self.keys(move |k| k.rotate(&name, now)).await?;
+            let rec = self.keys_slow(move |k| k.rotate(&name, now)).await?;
             tracing::info!(key = %rec.name, version = rec.current, "signing key rotated");
             Ok(Response::new(info(rec)?))
         }

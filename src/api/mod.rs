@@ -258,7 +258,17 @@ impl DaemonState {
         &self,
         f: impl FnOnce() -> Result<T, Status> + Send + 'static,
     ) -> Result<T, Status> {
-        match tokio::time::timeout(self.request_timeout, tokio::task::spawn_blocking(f)).await {
+        self.run_blocking_for(self.request_timeout, f).await
+    }
+
+    /// [`DaemonState::run_blocking`] with its own bound, for slow admin work
+    /// such as generating an RSA key inside a TPM (seconds on swtpm).
+    pub async fn run_blocking_for<T: Send + 'static>(
+        &self,
+        limit: Duration,
+        f: impl FnOnce() -> Result<T, Status> + Send + 'static,
+    ) -> Result<T, Status> {
+        match tokio::time::timeout(limit, tokio::task::spawn_blocking(f)).await {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(Status::internal("request worker failed")),
             Err(_) => Err(Status::deadline_exceeded(

@@ -70,6 +70,15 @@ impl System for SystemService {
                 policy_rules: st.policy.current().rule_count() as u32,
                 memory_locked: st.hardening.memory_locked,
                 caller: who.identity.display_short(),
+                audit_enabled: st.audit.is_some(),
+                audit_appended: st.audit.as_ref().map(|a| a.stats().appended).unwrap_or(0),
+                audit_failures: st.audit.as_ref().map(|a| a.stats().failures).unwrap_or(0),
+                audit_tree_size: st.audit.as_ref().map(|a| a.head().size).unwrap_or(0),
+                audit_last_error: st
+                    .audit
+                    .as_ref()
+                    .and_then(|a| a.stats().last_error)
+                    .unwrap_or_default(),
             }))
         }
         .await;

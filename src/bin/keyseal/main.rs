@@ -641,6 +641,8 @@ async fn status(socket: &std::path::Path, json: bool) -> Res {
             "retired_root_versions": s.retired_root_versions, "rotating_to": s.rotating_to,
             "secrets": s.secrets, "uptime_secs": s.uptime_secs, "policy_rules": s.policy_rules,
             "memory_locked": s.memory_locked, "caller": s.caller,
+            "audit": {"enabled": s.audit_enabled, "appended": s.audit_appended, "failures": s.audit_failures,
+                      "tree_size": s.audit_tree_size, "last_error": s.audit_last_error},
             "cache": {"entries": c.entries, "capacity": c.capacity, "hits": c.hits, "misses": c.misses,
                       "evictions": c.evictions, "root_calls": c.root_calls},
         }));
@@ -670,6 +672,21 @@ async fn status(socket: &std::path::Path, json: bool) -> Res {
             "not locked"
         }
     );
+    if s.audit_enabled {
+        println!(
+            "audit:    {} events durable, tree size {}, {} requests failed for want of an audit record{}",
+            s.audit_appended,
+            s.audit_tree_size,
+            s.audit_failures,
+            if s.audit_last_error.is_empty() {
+                String::new()
+            } else {
+                format!(" (last error: {})", s.audit_last_error)
+            }
+        );
+    } else {
+        println!("audit:    DISABLED (audit.unsafe_disable)");
+    }
     println!("you:      {}", s.caller);
     Ok(())
 }
