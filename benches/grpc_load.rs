@@ -27,14 +27,14 @@
 //! also on Ctrl-C, on a panic, and when the whole run exceeds its budget.
 
 use std::fmt::Write as _;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use keyseal::api::pb::{
@@ -43,7 +43,10 @@ use keyseal::api::pb::{
     secrets_server::{Secrets, SecretsServer},
     system_client::SystemClient,
 };
-use keyseal::testkit_hsm::{init_softhsm_token, softhsm_module, write_softhsm_conf};
+use keyseal::testkit_hsm::softhsm_module;
+
+mod common;
+use common::*;
 
 const ROLE_ENV: &str = "KEYSEAL_BENCH_ROLE";
 const ECHO_SOCKET_ENV: &str = "KEYSEAL_BENCH_ECHO_SOCKET";
@@ -51,7 +54,6 @@ const PARENT_ENV: &str = "KEYSEAL_BENCH_PARENT";
 const SECS_ENV: &str = "KEYSEAL_BENCH_SECS";
 const FILL_ENV: &str = "KEYSEAL_BENCH_100K";
 const PIN_ENV: &str = "KEYSEAL_BENCH_PIN";
-const BIN_DIR_ENV: &str = "KEYSEAL_BENCH_BIN_DIR";
 const AUDIT_ENV: &str = "KEYSEAL_BENCH_AUDIT";
 
 const VALUE_LEN: usize = 1024;
@@ -67,10 +69,6 @@ const FILL_TARGET: u64 = 100_000;
 const FILL_CONCURRENCY: usize = 16;
 /// Upper bound of the 100k fill phase; the bench reports how far it got.
 const FILL_MAX: Duration = Duration::from_secs(20 * 60);
-/// Per-request deadline, so a hung server cannot hang the bench.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// USER_HZ: /proc/<pid>/stat counts CPU time in 1/100 s on Linux.
-const CLK_TCK: f64 = 100.0;
 
 fn main() {
     if std::env::var(ROLE_ENV).as_deref() == Ok("echo") {
@@ -117,8 +115,7 @@ fn main() {
 
 /// What the run needs from its environment, checked before anything starts.
 struct Setup {
-    keyseal: PathBuf,
-    keyseald: PathBuf,
+    bins: Bins,
     module: PathBuf,
     measure: Duration,
     fill: bool,
@@ -129,28 +126,7 @@ struct Setup {
 
 impl Setup {
     fn from_env() -> Result<Setup, String> {
-        let bin_dir = match (
-            std::env::var_os(BIN_DIR_ENV),
-            std::env::var_os("CARGO_TARGET_DIR"),
-        ) {
-            (Some(d), _) => PathBuf::from(d),
-            (None, Some(t)) => Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join(t)
-                .join("release"),
-            (None, None) => Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release"),
-        };
-        let keyseal = bin_dir.join("keyseal");
-        let keyseald = bin_dir.join("keyseald");
-        for b in [&keyseal, &keyseald] {
-            if !b.is_file() {
-                return Err(format!(
-                    "{} not found: run `cargo build --release --bins` first \
-                     (the command is `cargo build --release --bins && cargo bench --bench grpc_load`)",
-                    b.display()
-                ));
-            }
-        }
-        warn_if_stale(&keyseald);
+        let bins = Bins::find("grpc_load")?;
         let module = softhsm_module().ok_or(
             "libsofthsm2.so not found: apt-get install softhsm2 (the bench needs a SoftHSM2 token)",
         )?;
@@ -165,17 +141,9 @@ impl Setup {
         let cpus = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1);
-        let pin = std::env::var(PIN_ENV).as_deref() != Ok("0")
-            && cpus >= 2
-            && Command::new("taskset")
-                .arg("-V")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success());
+        let pin = std::env::var(PIN_ENV).as_deref() != Ok("0") && cpus >= 2 && have_taskset();
         Ok(Setup {
-            keyseal,
-            keyseald,
+            bins,
             module,
             measure: Duration::from_secs_f64(secs),
             fill: std::env::var(FILL_ENV).as_deref() == Ok("1"),
@@ -198,56 +166,10 @@ impl Setup {
         Duration::from_secs(180) + phase * (get_phases + 2) + fill
     }
 
-    /// A command for a server binary, pinned to CPU 1 when pinning.
-    fn server_command(&self, program: &Path) -> Command {
-        if self.pin {
-            let mut c = Command::new("taskset");
-            c.arg("-c").arg("1").arg(program);
-            c
-        } else {
-            Command::new(program)
-        }
+    /// CPU list for the servers: CPU 1 when pinning.
+    fn server_cpus(&self) -> Option<&'static str> {
+        self.pin.then_some("1")
     }
-}
-
-/// Warns when keyseald is older than the sources it is built from.
-fn warn_if_stale(bin: &Path) {
-    fn newest(dir: &Path, acc: &mut Option<std::time::SystemTime>) {
-        let Ok(rd) = std::fs::read_dir(dir) else {
-            return;
-        };
-        for e in rd.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                newest(&p, acc);
-            } else if let Ok(t) = e.metadata().and_then(|m| m.modified()) {
-                *acc = Some(acc.map_or(t, |a| a.max(t)));
-            }
-        }
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let mut src = None;
-    newest(&root.join("src"), &mut src);
-    newest(&root.join("proto"), &mut src);
-    if let (Ok(bin_t), Some(src_t)) = (std::fs::metadata(bin).and_then(|m| m.modified()), src) {
-        if src_t > bin_t {
-            eprintln!(
-                "grpc_load: warning: {} is older than src/ or proto/; \
-                 run `cargo build --release --bins` to measure the current code",
-                bin.display()
-            );
-        }
-    }
-}
-
-fn pin_self_to_cpu0() {
-    let ok = Command::new("taskset")
-        .args(["-a", "-p", "-c", "0"])
-        .arg(std::process::id().to_string())
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(ok, "taskset could not pin the load generator to CPU 0");
 }
 
 // ---------------------------------------------------------------- echo role
@@ -350,136 +272,6 @@ fn value_1k() -> Vec<u8> {
     (0..VALUE_LEN).map(|i| (i % 251) as u8).collect()
 }
 
-// ------------------------------------------------------- child processes
-
-/// A server child process, stopped (SIGTERM, then SIGKILL) when dropped.
-struct ChildGuard {
-    name: &'static str,
-    child: Option<Child>,
-    log: Option<PathBuf>,
-}
-
-impl ChildGuard {
-    fn pid(&self) -> u32 {
-        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
-    }
-
-    fn log_text(&self) -> String {
-        self.log
-            .as_ref()
-            .and_then(|p| std::fs::read_to_string(p).ok())
-            .unwrap_or_default()
-    }
-
-    /// SIGTERM, up to 10 s for a clean exit, then SIGKILL. Says how it ended.
-    fn stop(&mut self) -> String {
-        let Some(mut child) = self.child.take() else {
-            return "not running".into();
-        };
-        if let Ok(Some(st)) = child.try_wait() {
-            return format!("had already exited ({st})");
-        }
-        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(st)) = child.try_wait() {
-                return format!("stopped by SIGTERM ({st})");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        "did not stop within 10 s of SIGTERM; killed".into()
-    }
-
-    fn check_alive(&mut self) {
-        if let Some(c) = self.child.as_mut() {
-            if let Ok(Some(st)) = c.try_wait() {
-                panic!(
-                    "{} exited early ({st}); log:\n{}",
-                    self.name,
-                    self.log_text()
-                );
-            }
-        }
-    }
-}
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        if self.child.is_some() {
-            let how = self.stop();
-            eprintln!("grpc_load: {}: {how}", self.name);
-        }
-    }
-}
-
-/// A channel with a per-request deadline (one HTTP/2 connection).
-async fn connect(socket: &Path) -> Result<Channel, tonic::transport::Error> {
-    Endpoint::from_shared(format!("unix://{}", socket.display()))?
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(REQUEST_TIMEOUT)
-        .connect()
-        .await
-}
-
-/// Waits (at most 20 s) until `socket` answers `probe`.
-async fn wait_ready<F, Fut>(guard: &mut ChildGuard, socket: &Path, probe: F) -> Channel
-where
-    F: Fn(Channel) -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        guard.check_alive();
-        if socket.exists() {
-            if let Ok(ch) = connect(socket).await {
-                if probe(ch.clone()).await {
-                    return ch;
-                }
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} did not become ready within 20 s; log:\n{}",
-            guard.name,
-            guard.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-// ------------------------------------------------------------ /proc
-
-/// A `kB` field of /proc/<pid>/status (VmRSS, VmHWM, Threads…).
-fn proc_status_field(pid: u32, key: &str) -> Option<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
-
-fn rss_mib(pid: u32) -> f64 {
-    proc_status_field(pid, "VmRSS").unwrap_or(0) as f64 / 1024.0
-}
-
-/// User + system CPU seconds of a whole process (all threads, dead ones included).
-fn cpu_secs(pid: u32) -> f64 {
-    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    // Fields after the command (which may contain spaces) start at field 3.
-    let rest = text.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    // utime is field 14, stime field 15 (1-based); `rest` starts at field 3.
-    (ticks(11) + ticks(12)) as f64 / CLK_TCK
-}
-
 /// Apparent and allocated bytes of everything under `dir`.
 fn disk_usage(dir: &Path) -> (u64, u64) {
     let mut apparent = 0;
@@ -502,56 +294,24 @@ fn disk_usage(dir: &Path) -> (u64, u64) {
 
 // ----------------------------------------------------------- measurement
 
-fn percentile(sorted: &[Duration], q: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let rank = (q * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
-fn fmt_dur(d: Duration) -> String {
-    let us = d.as_secs_f64() * 1e6;
-    if us < 1000.0 {
-        format!("{us:.0} µs")
-    } else {
-        format!("{:.2} ms", us / 1000.0)
-    }
-}
-
 /// One measured Get phase.
 struct GetRow {
     server: &'static str,
     conc: usize,
     channels: usize,
-    requests: usize,
-    errors: u64,
-    rps: f64,
-    p50: Duration,
-    p99: Duration,
-    /// Server CPU during the window, in cores (1.0 = one core busy).
-    server_cores: f64,
-    /// This process's CPU during the window, in cores.
-    loadgen_cores: f64,
+    m: Phase,
 }
 
 impl GetRow {
     /// Which side ran out of CPU: the one using ≥ 90% of a core. "neither"
     /// means both waited (on each other, on I/O, or on other processes).
     fn saturated(&self) -> &'static str {
-        match (self.server_cores >= 0.9, self.loadgen_cores >= 0.9) {
+        match (self.m.server_cores >= 0.9, self.m.loadgen_cores >= 0.9) {
             (true, true) => "both",
             (true, false) => "server",
             (false, true) => "load generator",
             (false, false) => "neither",
         }
-    }
-
-    fn server_cpu_per_req(&self, window: Duration) -> Duration {
-        if self.requests == 0 {
-            return Duration::ZERO;
-        }
-        Duration::from_secs_f64(self.server_cores * window.as_secs_f64() / self.requests as f64)
     }
 }
 
@@ -570,64 +330,29 @@ async fn get_phase(
     for _ in 0..channels {
         chans.push(connect(socket).await.unwrap());
     }
-    let warm_end = Instant::now() + WARMUP;
-    let end = warm_end + measure;
-    let errors = Arc::new(AtomicU64::new(0));
-    let mut tasks = Vec::with_capacity(conc);
-    for i in 0..conc {
-        let mut client = SecretsClient::new(chans[i * channels / conc].clone());
-        let errors = errors.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut lat = Vec::with_capacity(64 * 1024);
-            loop {
-                let start = Instant::now();
-                if start >= end {
-                    break;
-                }
-                let r = client
-                    .get(pb::GetRequest {
-                        name: SECRET_NAME.to_owned(),
-                        version: 0,
-                    })
-                    .await;
-                let done = Instant::now();
-                match r {
-                    Ok(resp) if resp.get_ref().value.len() == VALUE_LEN => {
-                        if done >= warm_end && done < end {
-                            lat.push(done - start);
-                        }
-                    }
-                    _ => {
-                        errors.fetch_add(1, Ordering::Relaxed);
-                        tokio::time::sleep(Duration::from_millis(1)).await;
-                    }
-                }
-            }
-            lat
-        }));
-    }
-    let me = std::process::id();
-    tokio::time::sleep_until(warm_end.into()).await;
-    let (s0, c0) = (cpu_secs(server_pid), cpu_secs(me));
-    tokio::time::sleep_until(end.into()).await;
-    let (s1, c1) = (cpu_secs(server_pid), cpu_secs(me));
-    let mut lat = Vec::new();
-    for t in tasks {
-        lat.extend(t.await.unwrap());
-    }
-    lat.sort_unstable();
-    let w = measure.as_secs_f64();
+    let clients: Arc<Vec<SecretsClient<Channel>>> = Arc::new(
+        (0..conc)
+            .map(|i| SecretsClient::new(chans[i * channels / conc].clone()))
+            .collect(),
+    );
+    let m = closed_loop(conc, WARMUP, measure, server_pid, move |i| {
+        let mut client = clients[i].clone();
+        async move {
+            let r = client
+                .get(pb::GetRequest {
+                    name: SECRET_NAME.to_owned(),
+                    version: 0,
+                })
+                .await;
+            matches!(r, Ok(resp) if resp.get_ref().value.len() == VALUE_LEN)
+        }
+    })
+    .await;
     GetRow {
         server,
         conc,
         channels,
-        requests: lat.len(),
-        errors: errors.load(Ordering::Relaxed),
-        rps: lat.len() as f64 / w,
-        p50: percentile(&lat, 0.50),
-        p99: percentile(&lat, 0.99),
-        server_cores: (s1 - s0) / w,
-        loadgen_cores: (c1 - c0) / w,
+        m,
     }
 }
 
@@ -808,82 +533,34 @@ async fn run(setup: &Setup) {
     );
 
     // --- keyseald on a throwaway SoftHSM2 token
-    let dir = tempfile::Builder::new()
-        .prefix("keyseal-bench-")
-        .tempdir()
-        .unwrap();
-    let d = dir.path();
-    let hsm_conf = write_softhsm_conf(&d.join("softhsm")).unwrap();
-    let pin = "bench-pin-1234";
-    init_softhsm_token(&hsm_conf, "keyseal-bench", pin, "bench-so-pin-5678").unwrap();
-    std::fs::write(d.join("pin"), pin).unwrap();
-    std::fs::set_permissions(d.join("pin"), std::fs::Permissions::from_mode(0o600)).unwrap();
-    let uid = nix::unistd::getuid().as_raw();
-    std::fs::write(
-        d.join("policy.toml"),
-        POLICY.replace("UID", &uid.to_string()),
-    )
-    .unwrap();
-    let config = d.join("keyseald.toml");
-    let socket = d.join("keyseal.sock");
-    std::fs::write(
-        &config,
-        format!(
-            "[root]\nbackend = \"pkcs11\"\n[root.pkcs11]\nmodule = \"{}\"\ntoken_label = \"keyseal-bench\"\npin_file = \"pin\"\n\n\
-             [store]\npath = \"store\"\n\n[api]\nsocket = \"keyseal.sock\"\nmode = \"0600\"\n\n[policy]\npath = \"policy.toml\"\n{}",
-            setup.module.display(),
-            if setup.audit {
-                ""
-            } else {
-                "\n[audit]\nunsafe_disable = true\n"
-            }
-        ),
-    )
-    .unwrap();
-    let init = Command::new(&setup.keyseal)
-        .arg("init")
-        .arg("--config")
-        .arg(&config)
-        .env("SOFTHSM2_CONF", &hsm_conf)
-        .output()
-        .unwrap();
-    assert!(
-        init.status.success(),
-        "keyseal init failed: {}",
-        String::from_utf8_lossy(&init.stderr)
+    let home = BenchHome::new(
+        &setup.bins,
+        &setup.module,
+        POLICY,
+        if setup.audit {
+            ""
+        } else {
+            "\n[audit]\nunsafe_disable = true\n"
+        },
     );
+    let d = home.path();
+    let socket = home.socket.clone();
+    let (mut daemon, ks) = home
+        .start(
+            &setup.bins,
+            SERVER_WORKERS,
+            setup.server_cpus(),
+            "keyseald.log",
+        )
+        .await;
     let log = d.join("keyseald.log");
-    let mut daemon = ChildGuard {
-        name: "keyseald",
-        child: Some(
-            setup
-                .server_command(&setup.keyseald)
-                .arg("--config")
-                .arg(&config)
-                .env("KEYSEAL_WORKERS", SERVER_WORKERS.to_string())
-                .env("SOFTHSM2_CONF", &hsm_conf)
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(&log).unwrap())
-                .spawn()
-                .unwrap(),
-        ),
-        log: Some(log.clone()),
-    };
-    let ks = wait_ready(&mut daemon, &socket, |ch| async move {
-        SystemClient::new(ch)
-            .status(pb::StatusRequest {})
-            .await
-            .is_ok()
-    })
-    .await;
 
     // --- the echo ceiling: this binary, re-executed
     let echo_socket = d.join("echo.sock");
     let mut echo = ChildGuard {
         name: "echo",
         child: Some(
-            setup
-                .server_command(&std::env::current_exe().unwrap())
+            command_on(&std::env::current_exe().unwrap(), setup.server_cpus())
                 .env(ROLE_ENV, "echo")
                 .env(ECHO_SOCKET_ENV, &echo_socket)
                 .env(PARENT_ENV, std::process::id().to_string())
@@ -974,14 +651,14 @@ async fn run(setup: &Setup) {
             r.server,
             r.conc,
             r.channels,
-            r.rps,
-            fmt_dur(r.p50),
-            fmt_dur(r.p99),
-            r.server_cores,
-            r.server_cpu_per_req(setup.measure).as_secs_f64() * 1e6,
-            r.loadgen_cores,
+            r.m.rps,
+            fmt_dur(r.m.p50),
+            fmt_dur(r.m.p99),
+            r.m.server_cores,
+            r.m.server_cpu_per_req().as_secs_f64() * 1e6,
+            r.m.loadgen_cores,
             r.saturated(),
-            r.errors
+            r.m.errors
         );
     }
     println!();
@@ -990,12 +667,12 @@ async fn run(setup: &Setup) {
     let mut goal = None;
     for pair in rows.chunks(2) {
         let (k, e) = (&pair[0], &pair[1]);
-        let ratio = k.rps / e.rps.max(1e-9);
+        let ratio = k.m.rps / e.m.rps.max(1e-9);
         // What the throughput ratio would be with both servers CPU-bound on
         // one core; steadier than `ratio` when the load generator or other
         // processes limit the echo phase.
-        let cpu_ratio = e.server_cpu_per_req(setup.measure).as_secs_f64()
-            / k.server_cpu_per_req(setup.measure).as_secs_f64().max(1e-12);
+        let cpu_ratio = e.m.server_cpu_per_req().as_secs_f64()
+            / k.m.server_cpu_per_req().as_secs_f64().max(1e-12);
         if k.conc == 64 && k.channels == 1 {
             goal = Some((ratio, cpu_ratio));
         }
@@ -1005,8 +682,8 @@ async fn run(setup: &Setup) {
             k.channels,
             ratio * 100.0,
             cpu_ratio * 100.0,
-            k.p50.as_secs_f64() / e.p50.as_secs_f64().max(1e-12),
-            k.p99.as_secs_f64() / e.p99.as_secs_f64().max(1e-12),
+            k.m.p50.as_secs_f64() / e.m.p50.as_secs_f64().max(1e-12),
+            k.m.p99.as_secs_f64() / e.m.p99.as_secs_f64().max(1e-12),
         );
     }
     println!();
