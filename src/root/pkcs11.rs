@@ -126,6 +126,9 @@ pub struct Pkcs11Root {
     create_lock: Mutex<()>,
     /// label -> object handle; handles are valid across sessions of this process.
     handles: Mutex<HashMap<String, ObjectHandle>>,
+    /// Private-key label -> its checked CKA_KEY_TYPE, so a signature costs
+    /// one C_Sign and not a C_GetAttributeValue too. Cleared with `handles`.
+    key_types: Mutex<HashMap<String, KeyType>>,
 }
 
 impl fmt::Debug for Pkcs11Root {
@@ -275,6 +278,7 @@ impl Pkcs11Root {
             pool: Mutex::new(Vec::new()),
             create_lock: Mutex::new(()),
             handles: Mutex::new(HashMap::new()),
+            key_types: Mutex::new(HashMap::new()),
         };
         // Open one session now so a wrong PIN is reported at start.
         let s = root.new_session()?;
@@ -330,6 +334,7 @@ impl Pkcs11Root {
                     drop(s);
                     self.pool.lock().clear();
                     self.handles.lock().clear();
+                    self.key_types.lock().clear();
                     if attempt == 0 {
                         continue;
                     }
@@ -407,23 +412,31 @@ impl Pkcs11Root {
     ) -> Result<Vec<u8>, RootError> {
         let (label, h) = self.private_key(key)?;
         let wanted = key_type_of(key.alg);
+        let checked = self.key_types.lock().get(&label) == Some(&wanted);
         let out = self
             .with_session(|s| {
-                let actual = s
-                    .get_attributes(h, &[AttributeType::KeyType])?
-                    .into_iter()
-                    .find_map(|a| match a {
-                        Attribute::KeyType(t) => Some(t),
-                        _ => None,
-                    });
-                if actual != Some(wanted) {
-                    return Ok(Err(actual));
+                if !checked {
+                    let actual = s
+                        .get_attributes(h, &[AttributeType::KeyType])?
+                        .into_iter()
+                        .find_map(|a| match a {
+                            Attribute::KeyType(t) => Some(t),
+                            _ => None,
+                        });
+                    if actual != Some(wanted) {
+                        return Ok(Err(actual));
+                    }
                 }
                 s.sign(mechanism, h, data).map(Ok)
             })?
             .map_err(|e| device_err(&format!("sign ({})", key.alg.as_str()), e))?;
         match out {
-            Ok(sig) => Ok(sig),
+            Ok(sig) => {
+                if !checked {
+                    self.key_types.lock().insert(label, wanted);
+                }
+                Ok(sig)
+            }
             Err(actual) => Err(key_type_mismatch(&label, key.alg, actual)),
         }
     }
@@ -727,6 +740,7 @@ impl RootOfTrust for Pkcs11Root {
                     .map_err(|e| device_err("destroy signing key", e))?;
             }
         }
+        self.key_types.lock().remove(&label);
         let mut handles = self.handles.lock();
         handles.remove(&format!("{}/{label}", ObjectClass::PRIVATE_KEY));
         handles.remove(&format!("{}/{label}", ObjectClass::PUBLIC_KEY));
