@@ -459,6 +459,7 @@ impl ProxyStore {
                 Ok(())
             })
             .map_err(from_tx)?;
+        self.telemetry.forget_proxy(name)?;
         self.changed()
     }
 

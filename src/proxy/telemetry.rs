@@ -920,6 +920,28 @@ impl Telemetry {
         Ok(s)
     }
 
+    /// Forgets a deleted proxy's suspensions, seen paths and learning
+    /// counts (its telemetry buckets stay until pruned), so a new proxy of
+    /// the same name starts clean.
+    pub fn forget_proxy(&self, proxy: &str) -> Result<(), ProxyError> {
+        let mut prefix = proxy.as_bytes().to_vec();
+        prefix.push(0);
+        let mut w = self.suspended.write();
+        for tree in [&self.suspended_tree, &self.paths_tree, &self.callers_tree] {
+            let mut batch = sled::Batch::default();
+            for k in tree.scan_prefix(&prefix).keys() {
+                batch.remove(k?);
+            }
+            tree.apply_batch(batch)?;
+        }
+        self.suspended_tree.flush()?;
+        w.retain(|(p, _), _| p != proxy);
+        self.any_suspended.store(!w.is_empty(), Ordering::SeqCst);
+        drop(w);
+        self.callers.lock().retain(|(p, _), _| p != proxy);
+        Ok(())
+    }
+
     // ---- persistence and queries -----------------------------------------
 
     /// Writes the dirty buckets, forgets closed clean ones, prunes expired
@@ -1339,6 +1361,33 @@ mod tests {
         assert!(t.unsuspend("p", "bogus").is_err());
         t.unsuspend("p", "key:ak_x").unwrap();
         assert!(t.suspended("p", "key:ak_x").is_none());
+    }
+
+    #[test]
+    fn forgetting_a_proxy_clears_its_callers() {
+        let t = tele(AnomalyConfig {
+            spike_min_count: 2,
+            path_learning_requests: 1,
+            ..quiet()
+        });
+        for i in 0..2 {
+            t.record(
+                &entry(i, "key:ak_x", "/a", 200, "allow"),
+                OnAnomaly::Suspend,
+            );
+        }
+        assert!(t.suspended("p", "key:ak_x").is_some());
+        t.forget_proxy("p").unwrap();
+        assert!(t.suspended("p", "key:ak_x").is_none());
+        // Paths are learnt again (learning count reset too).
+        let a = t.record(&entry(MIN, "key:ak_x", "/b", 200, "allow"), OnAnomaly::Flag);
+        assert!(a.is_empty(), "{a:?}");
+        let a = t.record(
+            &entry(MIN + 1, "key:ak_x", "/c", 200, "allow"),
+            OnAnomaly::Flag,
+        );
+        let kinds: Vec<AnomalyKind> = a.iter().map(|a| a.kind).collect();
+        assert!(kinds.contains(&AnomalyKind::FirstSeenPath), "{a:?}");
     }
 
     #[test]
