@@ -140,6 +140,7 @@ burst = 2
 
 [proxy]
 gateway_listen = "127.0.0.1:{gw}"
+gateway_socket = "proxy.sock"
 
 [proxy.anomaly]
 flush_secs = 1
@@ -175,6 +176,8 @@ flush_secs = 1
             "vendor",
             "--key-owner",
             "svc/a",
+            "--caller",
+            "uid=0",
             "--on-anomaly",
             on_anomaly,
         ];
@@ -240,6 +243,26 @@ fn get(e: &Env, key: &str, path: &str) -> (u16, String) {
         .args(["-sS", "--max-time", "15", "-w", "\n%{http_code}", "-H"])
         .arg(format!("Authorization: Bearer {key}"))
         .arg(format!("http://127.0.0.1:{}/p/{path}", e.gw))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+/// GET through the gateway's Unix socket (caller known by the kernel).
+fn get_unix(e: &Env, path: &str) -> (u16, String) {
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "15",
+            "-w",
+            "\n%{http_code}",
+            "--unix-socket",
+        ])
+        .arg(e.d.dir().join("proxy.sock"))
+        .arg(format!("http://localhost/p/{path}"))
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -578,4 +601,30 @@ fn on_anomaly_suspend_refuses_the_caller_until_unsuspended() {
     );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains(&caller), "{text}");
+
+    // A kernel-identified caller (Unix socket, no key) is suspended by its
+    // uid (and unit), not per process: each curl is a new pid.
+    let mut refused = None;
+    for _ in 0..12 {
+        let (status, body) = get_unix(&e, "vendor/v1/items/1");
+        if status == 403 {
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(v["error"], "suspended", "{body}");
+            refused = Some(v["caller"].as_str().unwrap().to_owned());
+            break;
+        }
+        assert_eq!(status, 200, "{body}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let kcaller = refused.expect("the kernel caller was never suspended");
+    assert!(
+        kcaller == "uid=0" || kcaller.starts_with("uid=0 unit="),
+        "{kcaller}"
+    );
+    assert!(!kcaller.contains("pid="), "{kcaller}");
+    ok(
+        &e.d,
+        &["proxy", "unsuspend", "vendor", "--caller", &kcaller],
+    );
+    assert_eq!(get_unix(&e, "vendor/v1/items/1").0, 200);
 }
