@@ -1390,6 +1390,31 @@ mod tests {
         assert!(kinds.contains(&AnomalyKind::FirstSeenPath), "{a:?}");
     }
 
+    /// Rough per-entry cost of `record` (run with `--ignored`; prints).
+    #[test]
+    #[ignore]
+    fn record_cost() {
+        let t = tele(AnomalyConfig::default());
+        let t0 = 1_767_225_600u64 * 1_000_000;
+        let n = 100_000u64;
+        let start = std::time::Instant::now();
+        for i in 0..n {
+            let caller = format!("key:ak_{}", i % 50);
+            let path = format!("/v1/items/{}/part{}", i, i % 20);
+            t.record(
+                &entry(t0 + i * 1000, &caller, &path, 200, "allow"),
+                OnAnomaly::Flag,
+            );
+        }
+        let per = start.elapsed().as_nanos() as u64 / n;
+        let f = std::time::Instant::now();
+        t.flush(t0 + n * 1000).unwrap();
+        println!(
+            "record: {per} ns/entry over {n} entries; flush {:?}",
+            f.elapsed()
+        );
+    }
+
     #[test]
     fn patterns_and_callers() {
         assert_eq!(path_pattern("/v1/users/42/x"), "/v1/users/{n}/x");
