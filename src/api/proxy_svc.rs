@@ -14,10 +14,11 @@ use super::pb::{self, proxy_server::Proxy as ProxyApi};
 use super::{caller, DaemonState};
 use crate::policy::Capability;
 use crate::proxy::model::{
-    CallerSelector, Condition, Credential, Effect, Injection, Proxy, ProxyError, RequestFacts,
-    Rule, Target,
+    CallerSelector, Condition, Credential, Effect, Injection, OnAnomaly, Proxy, ProxyError,
+    RequestFacts, Rule, Target,
 };
 use crate::proxy::store::LogEntry;
+use crate::proxy::telemetry::{Bucket, Interval};
 use crate::proxy::ProxyStore;
 use crate::secrets::OpCtx;
 
@@ -97,6 +98,7 @@ fn proxy_pb(p: Proxy) -> pb::ProxyInfo {
         key_owners: p.key_owners,
         created_at: p.created_at,
         updated_at: p.updated_at,
+        on_anomaly: p.on_anomaly.as_str().into(),
     }
 }
 
@@ -135,6 +137,25 @@ fn log_pb(e: LogEntry) -> pb::RequestLogEntry {
         bytes_out: e.bytes_out,
         decision: e.decision,
         rule: e.rule.unwrap_or_default(),
+    }
+}
+
+fn bucket_pb(b: Bucket) -> pb::TelemetryBucket {
+    pb::TelemetryBucket {
+        start: b.start,
+        requests: b.requests,
+        status_2xx: b.status_2xx,
+        status_3xx: b.status_3xx,
+        status_4xx: b.status_4xx,
+        status_5xx: b.status_5xx,
+        denied: b.denied,
+        rate_limited: b.rate_limited,
+        unauthenticated: b.unauthenticated,
+        errors: b.errors,
+        suspended: b.suspended,
+        p50_latency_us: b.percentile(0.5),
+        p95_latency_us: b.percentile(0.95),
+        anomalies: b.anomalies.into_iter().collect(),
     }
 }
 
@@ -382,6 +403,7 @@ impl ProxyApi for ProxyService {
             .map(|c| CallerSelector::parse(c))
             .collect::<Result<Vec<_>, _>>()
             .map_err(status_of_proxy)?;
+        let on_anomaly = OnAnomaly::parse(&p.on_anomaly).map_err(status_of_proxy)?;
         let rate_plan = opt(p.rate_plan);
         if let Some(plan) = &rate_plan {
             if !self.state.apikeys.config().plans.contains_key(plan) {
@@ -401,6 +423,7 @@ impl ProxyApi for ProxyService {
             key_owners: p.key_owners,
             created_at: 0,
             updated_at: 0,
+            on_anomaly,
         };
         let now = OpCtx::new("").now;
         let p = self.run(move |s| s.put_proxy(rec, now)).await?;
@@ -661,6 +684,88 @@ impl ProxyApi for ProxyService {
             Ok(Response::new(pb::RequestsResponse {
                 entries: entries.into_iter().map(log_pb).collect(),
             }))
+        }
+        .await;
+        self.state.audited(audit, res).await
+    }
+
+    async fn telemetry(
+        &self,
+        req: Request<pb::TelemetryRequest>,
+    ) -> Result<Response<pb::TelemetryResponse>, Status> {
+        let audit =
+            self.state
+                .audit_ctx(&req, "proxy.telemetry", Some(req.get_ref().proxy.as_str()));
+        let res: Result<Response<pb::TelemetryResponse>, Status> = async move {
+            let who = caller(&req)?;
+            let r = req.into_inner();
+            self.admin(&who, &format!("proxy/{}", r.proxy))?;
+            let iv = Interval::parse(&r.interval).map_err(status_of_proxy)?;
+            let limit = if r.limit == 0 {
+                60
+            } else {
+                r.limit.min(10_000)
+            } as usize;
+            let now = OpCtx::new("").now.saturating_mul(1_000_000);
+            let name = r.proxy.clone();
+            let (buckets, suspended) = self
+                .run(move |s| {
+                    s.get_proxy(&name)?;
+                    let t = s.telemetry();
+                    Ok((t.query(&name, iv, limit, now)?, t.suspensions(&name)))
+                })
+                .await?;
+            Ok(Response::new(pb::TelemetryResponse {
+                proxy: r.proxy,
+                interval: iv.as_str().into(),
+                buckets: buckets.into_iter().map(bucket_pb).collect(),
+                suspended: suspended
+                    .into_iter()
+                    .map(|s| pb::ProxySuspension {
+                        caller: s.caller,
+                        since_us: s.since_us,
+                        kind: s.kind,
+                    })
+                    .collect(),
+            }))
+        }
+        .await;
+        self.state.audited(audit, res).await
+    }
+
+    async fn unsuspend(
+        &self,
+        req: Request<pb::UnsuspendRequest>,
+    ) -> Result<Response<pb::ProxyEmpty>, Status> {
+        let audit =
+            self.state
+                .audit_ctx(&req, "proxy.unsuspend", Some(req.get_ref().proxy.as_str()));
+        let res: Result<Response<pb::ProxyEmpty>, Status> = async move {
+            let who = caller(&req)?;
+            let r = req.into_inner();
+            self.admin(&who, &format!("proxy/{}", r.proxy))?;
+            let (p, c) = (r.proxy.clone(), r.caller.clone());
+            let s = self
+                .run(move |s| s.telemetry().unsuspend(&p, &c))
+                .await?;
+            tracing::info!(proxy = %s.proxy, caller = %s.caller, kind = %s.kind, actor = %who.identity.actor(), "proxy caller unsuspended");
+            if let Some(a) = &self.state.audit {
+                // Who was cleared, next to the request's own event.
+                let ev = crate::audit::NewEvent::new(
+                    OpCtx::new("").now.saturating_mul(1000),
+                    crate::audit::Actor::peer(&who.identity),
+                    "proxy.suspension.clear",
+                )
+                .target(s.proxy.clone())
+                .detail("proxy", s.proxy.clone())
+                .detail("caller", s.caller.clone())
+                .detail("kind", s.kind.clone())
+                .detail("since_us", s.since_us.to_string());
+                if let Err(e) = a.append(ev).await {
+                    tracing::error!(error = %e, "audit append of an unsuspend failed");
+                }
+            }
+            Ok(Response::new(pb::ProxyEmpty {}))
         }
         .await;
         self.state.audited(audit, res).await

@@ -314,6 +314,13 @@ async fn run(
     ));
     let res = serve(state.clone(), listener, wait(stop_rx)).await;
     signals.abort();
+    let flush_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0);
+    if let Err(e) = state.proxies.telemetry().flush(flush_at) {
+        tracing::warn!(error = %e, "final telemetry flush failed");
+    }
     state
         .audit_lifecycle("daemon.stop", keyseal::audit::Outcome::Ok, &[])
         .await;

@@ -36,6 +36,7 @@ pub struct RawProxyConfig {
     max_request_bytes: Option<u64>,
     max_response_bytes: Option<u64>,
     header_timeout_secs: Option<u64>,
+    anomaly: Option<super::telemetry::RawAnomalyConfig>,
 }
 
 /// The resolved `[proxy]` section.
@@ -49,6 +50,8 @@ pub struct ProxyConfig {
     pub max_request_bytes: u64,
     pub max_response_bytes: u64,
     pub header_timeout: Duration,
+    /// `[proxy.anomaly]`: telemetry and anomaly thresholds.
+    pub anomaly: super::telemetry::AnomalyConfig,
 }
 
 impl Default for ProxyConfig {
@@ -62,6 +65,7 @@ impl Default for ProxyConfig {
             max_request_bytes: 10 * 1024 * 1024,
             max_response_bytes: 100 * 1024 * 1024,
             header_timeout: Duration::from_secs(10),
+            anomaly: super::telemetry::AnomalyConfig::default(),
         }
     }
 }
@@ -129,6 +133,9 @@ impl ProxyConfig {
                 return Err("proxy.header_timeout_secs must be 1..=3600".into());
             }
             c.header_timeout = Duration::from_secs(n);
+        }
+        if let Some(a) = raw.anomaly {
+            c.anomaly = super::telemetry::AnomalyConfig::from_raw(a)?;
         }
         Ok(c)
     }

@@ -417,6 +417,79 @@ pub struct Proxy {
     pub key_owners: Vec<String>,
     pub created_at: u64,
     pub updated_at: u64,
+    /// What an anomaly of a caller does (see [`super::telemetry`]).
+    pub on_anomaly: OnAnomaly,
+}
+
+/// What a proxy does when a caller's traffic is anomalous.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OnAnomaly {
+    /// Audit event and a flag in the telemetry bucket.
+    #[default]
+    Flag,
+    /// As `Flag`, and the caller is refused on this proxy (403
+    /// `suspended`) until an operator clears it.
+    Suspend,
+}
+
+impl OnAnomaly {
+    pub fn parse(s: &str) -> Result<OnAnomaly, ProxyError> {
+        match s {
+            "" | "flag" => Ok(OnAnomaly::Flag),
+            "suspend" => Ok(OnAnomaly::Suspend),
+            o => Err(invalid(format!(
+                "on_anomaly {o:?}: use \"flag\" or \"suspend\""
+            ))),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnAnomaly::Flag => "flag",
+            OnAnomaly::Suspend => "suspend",
+        }
+    }
+}
+
+/// A proxy record as written before `on_anomaly` existed.
+#[derive(Deserialize)]
+struct ProxyV1 {
+    name: String,
+    target: String,
+    credential: Option<String>,
+    default_effect: Effect,
+    rate_plan: Option<String>,
+    callers: Vec<CallerSelector>,
+    key_ids: Vec<String>,
+    key_owners: Vec<String>,
+    created_at: u64,
+    updated_at: u64,
+}
+
+impl Proxy {
+    /// Decodes a stored proxy, current layout or the one before
+    /// `on_anomaly` (read as `flag`).
+    pub fn decode(tree: &'static str, b: &[u8]) -> Result<Proxy, crate::store::StoreError> {
+        match crate::store::decode::<Proxy>(tree, b) {
+            Ok(p) => Ok(p),
+            Err(e) => match crate::store::decode::<ProxyV1>(tree, b) {
+                Ok(o) => Ok(Proxy {
+                    name: o.name,
+                    target: o.target,
+                    credential: o.credential,
+                    default_effect: o.default_effect,
+                    rate_plan: o.rate_plan,
+                    callers: o.callers,
+                    key_ids: o.key_ids,
+                    key_owners: o.key_owners,
+                    created_at: o.created_at,
+                    updated_at: o.updated_at,
+                    on_anomaly: OnAnomaly::Flag,
+                }),
+                Err(_) => Err(e),
+            },
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -800,6 +873,51 @@ mod tests {
         assert!(Injection::header("x: {} {}").is_err());
         assert!(Injection::query("api_key").is_ok());
         assert!(Injection::basic("a:b").is_err());
+    }
+
+    #[test]
+    fn proxy_record_before_on_anomaly_still_reads() {
+        #[derive(Serialize)]
+        struct Old<'a> {
+            name: &'a str,
+            target: &'a str,
+            credential: Option<&'a str>,
+            default_effect: Effect,
+            rate_plan: Option<&'a str>,
+            callers: Vec<CallerSelector>,
+            key_ids: Vec<&'a str>,
+            key_owners: Vec<&'a str>,
+            created_at: u64,
+            updated_at: u64,
+        }
+        let b = crate::store::encode(&Old {
+            name: "p",
+            target: "t",
+            credential: None,
+            default_effect: Effect::Allow,
+            rate_plan: Some("r"),
+            callers: vec![],
+            key_ids: vec!["ak_1"],
+            key_owners: vec![],
+            created_at: 1,
+            updated_at: 2,
+        })
+        .unwrap();
+        let p = Proxy::decode("t", &b).unwrap();
+        assert_eq!(
+            (
+                p.name.as_str(),
+                p.rate_plan.as_deref(),
+                p.updated_at,
+                p.on_anomaly
+            ),
+            ("p", Some("r"), 2, OnAnomaly::Flag)
+        );
+        let mut n = p.clone();
+        n.on_anomaly = OnAnomaly::Suspend;
+        let again = Proxy::decode("t", &crate::store::encode(&n).unwrap()).unwrap();
+        assert_eq!(again, n);
+        assert!(Proxy::decode("t", b"\x01").is_err());
     }
 
     #[test]

@@ -134,13 +134,25 @@ fn error(status: StatusCode, msg: &str) -> Response<RespBody> {
 }
 
 /// A refusal before the upstream: the answer and the log decision.
-struct Refusal {
+pub(crate) struct Refusal {
     resp: Box<Response<RespBody>>,
     decision: &'static str,
     rule: Option<String>,
 }
 
 impl Refusal {
+    pub(crate) fn json(
+        status: StatusCode,
+        v: serde_json::Value,
+        decision: &'static str,
+    ) -> Refusal {
+        Refusal {
+            resp: Box::new(json(status, v)),
+            decision,
+            rule: None,
+        }
+    }
+
     fn new(status: StatusCode, msg: &str, decision: &'static str) -> Refusal {
         Refusal {
             resp: Box::new(error(status, msg)),
@@ -274,6 +286,11 @@ impl Gateway {
     /// `[rate_plans.NAME]` (shared with API keys).
     pub fn new(state: Arc<DaemonState>, store: Arc<ProxyStore>, cfg: ProxyConfig) -> Gateway {
         let plans = state.apikeys.config().plans.clone();
+        store.start_telemetry(
+            cfg.anomaly.clone(),
+            state.audit.clone(),
+            state.shutdown.clone(),
+        );
         Gateway {
             state,
             store,
@@ -658,6 +675,13 @@ impl Gateway {
                 "this caller may not use this proxy",
                 "deny",
             ));
+        }
+        if let Some(s) = self
+            .store
+            .telemetry()
+            .suspended(&snap.proxy.name, &ctx.caller)
+        {
+            return Err(super::telemetry::suspended_refusal(&s));
         }
         if !path_is_clean(&rest) {
             return Err(Refusal::new(

@@ -132,6 +132,7 @@ pub struct ProxyStore {
     snapshots: RwLock<HashMap<String, (u64, Arc<Snapshot>)>>,
     values: RwLock<HashMap<String, Arc<Zeroizing<Vec<u8>>>>>,
     log_seq: AtomicU64,
+    telemetry: Arc<super::telemetry::Telemetry>,
 }
 
 impl std::fmt::Debug for ProxyStore {
@@ -156,6 +157,7 @@ impl ProxyStore {
             snapshots: RwLock::new(HashMap::new()),
             values: RwLock::new(HashMap::new()),
             log_seq: AtomicU64::new(0),
+            telemetry: Arc::new(super::telemetry::Telemetry::open(&db)?),
         })
     }
 
@@ -404,7 +406,13 @@ impl ProxyStore {
                         Some(_) => {}
                     }
                 }
-                let old: Option<Proxy> = tx_get(pt, T_PROXIES, p.name.as_bytes())?;
+                let old = match pt.get(p.name.as_bytes())? {
+                    None => None,
+                    Some(b) => match Proxy::decode(T_PROXIES, &b) {
+                        Ok(v) => Some(v),
+                        Err(e) => return abort(e.into()),
+                    },
+                };
                 let mut rec = p.clone();
                 rec.created_at = old.map_or(now, |o| o.created_at);
                 rec.updated_at = now;
@@ -419,7 +427,7 @@ impl ProxyStore {
 
     pub fn get_proxy(&self, name: &str) -> Result<Proxy, ProxyError> {
         match self.proxies.get(name.as_bytes())? {
-            Some(b) => Ok(decode(T_PROXIES, &b)?),
+            Some(b) => Ok(Proxy::decode(T_PROXIES, &b)?),
             None => Err(ProxyError::NotFound(format!("proxy {name:?}"))),
         }
     }
@@ -428,7 +436,7 @@ impl ProxyStore {
         self.proxies
             .iter()
             .values()
-            .map(|v| Ok(decode(T_PROXIES, &v?)?))
+            .map(|v| Ok(Proxy::decode(T_PROXIES, &v?)?))
             .collect()
     }
 
@@ -451,6 +459,7 @@ impl ProxyStore {
                 Ok(())
             })
             .map_err(from_tx)?;
+        self.telemetry.forget_proxy(name)?;
         self.changed()
     }
 
@@ -548,6 +557,11 @@ impl ProxyStore {
         Ok(snap)
     }
 
+    /// Telemetry buckets, anomaly detection and suspensions.
+    pub fn telemetry(&self) -> &Arc<super::telemetry::Telemetry> {
+        &self.telemetry
+    }
+
     /// The generation of the configuration (changes on every write).
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::SeqCst)
@@ -575,6 +589,9 @@ impl ProxyStore {
                 }
             }
             Err(err) => tracing::warn!(error = %err, "request log encode failed"),
+        }
+        if let Ok(s) = self.snapshot(&e.proxy) {
+            self.telemetry.record(e, s.proxy.on_anomaly);
         }
     }
 

@@ -99,6 +99,10 @@ pub enum ProxyCmd {
         /// API key owners whose keys are allowed (repeatable).
         #[arg(long = "key-owner")]
         key_owners: Vec<String>,
+        /// On a caller's anomaly: flag (audit event, telemetry flag) or
+        /// suspend (also refuse the caller until `proxy unsuspend`).
+        #[arg(long, default_value = "flag", value_parser = ["flag", "suspend"])]
+        on_anomaly: String,
     },
     /// List proxies.
     Ls {
@@ -138,6 +142,24 @@ pub enum ProxyCmd {
         limit: u32,
         #[arg(long)]
         json: bool,
+    },
+    /// Telemetry of a proxy per minute, hour or day (newest first), with
+    /// anomaly flags and suspended callers.
+    Telemetry {
+        name: String,
+        #[arg(long, default_value = "hour", value_parser = ["minute", "hour", "day"])]
+        interval: String,
+        #[arg(long, default_value_t = 24)]
+        limit: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Clear a caller's suspension on a proxy (audited).
+    Unsuspend {
+        name: String,
+        /// key:<id> or uid=N[ unit=U], as shown by `proxy telemetry`.
+        #[arg(long)]
+        caller: String,
     },
 }
 
@@ -253,7 +275,7 @@ fn proxy_json(p: &pb::ProxyInfo) -> serde_json::Value {
         "name": p.name, "target": p.target, "credential": p.credential,
         "default_effect": p.default_effect, "rate_plan": p.rate_plan, "callers": p.callers,
         "key_ids": p.key_ids, "key_owners": p.key_owners,
-        "created_at": p.created_at, "updated_at": p.updated_at,
+        "created_at": p.created_at, "updated_at": p.updated_at, "on_anomaly": p.on_anomaly,
     })
 }
 
@@ -487,6 +509,7 @@ pub async fn proxy(socket: &Path, c: ProxyCmd) -> Res {
             callers,
             key_ids,
             key_owners,
+            on_anomaly,
         } => {
             let p = cl
                 .put_proxy(pb::PutProxyRequest {
@@ -501,6 +524,7 @@ pub async fn proxy(socket: &Path, c: ProxyCmd) -> Res {
                         key_owners,
                         created_at: 0,
                         updated_at: 0,
+                        on_anomaly,
                     }),
                 })
                 .await?
@@ -516,6 +540,9 @@ pub async fn proxy(socket: &Path, c: ProxyCmd) -> Res {
                 },
                 p.default_effect
             );
+            if p.on_anomaly == "suspend" {
+                eprintln!("anomalies suspend the caller on this proxy");
+            }
             Ok(())
         }
         ProxyCmd::Ls { json } => {
@@ -576,6 +603,7 @@ pub async fn proxy(socket: &Path, c: ProxyCmd) -> Res {
             println!("callers:     {}", p.callers.join(" "));
             println!("key ids:     {}", p.key_ids.join(" "));
             println!("key owners:  {}", p.key_owners.join(" "));
+            println!("on anomaly:  {}", p.on_anomaly);
             rule_rows(&rules);
             Ok(())
         }
@@ -694,6 +722,113 @@ pub async fn proxy(socket: &Path, c: ProxyCmd) -> Res {
                     })
                     .collect(),
             );
+            Ok(())
+        }
+        ProxyCmd::Telemetry {
+            name,
+            interval,
+            limit,
+            json,
+        } => {
+            let r = cl
+                .telemetry(pb::TelemetryRequest {
+                    proxy: name,
+                    interval,
+                    limit,
+                })
+                .await?
+                .into_inner();
+            let anomalies = |b: &pb::TelemetryBucket| {
+                let mut v: Vec<String> = b
+                    .anomalies
+                    .iter()
+                    .map(|(k, n)| format!("{k}={n}"))
+                    .collect();
+                v.sort();
+                v.join(",")
+            };
+            if json {
+                return json_out(&serde_json::json!({
+                    "proxy": r.proxy,
+                    "interval": r.interval,
+                    "buckets": r.buckets.iter().map(|b| {
+                        let an: serde_json::Map<String, serde_json::Value> = b
+                            .anomalies
+                            .iter()
+                            .map(|(k, n)| (k.clone(), serde_json::Value::from(*n)))
+                            .collect();
+                        serde_json::json!({
+                            "start": b.start, "requests": b.requests,
+                            "status_2xx": b.status_2xx, "status_3xx": b.status_3xx,
+                            "status_4xx": b.status_4xx, "status_5xx": b.status_5xx,
+                            "denied": b.denied, "rate_limited": b.rate_limited,
+                            "unauthenticated": b.unauthenticated, "errors": b.errors,
+                            "suspended": b.suspended,
+                            "p50_latency_us": b.p50_latency_us, "p95_latency_us": b.p95_latency_us,
+                            "anomalies": an,
+                        })
+                    }).collect::<Vec<_>>(),
+                    "suspended": r.suspended.iter().map(|s| serde_json::json!({
+                        "caller": s.caller, "since_us": s.since_us, "kind": s.kind,
+                    })).collect::<Vec<_>>(),
+                }));
+            }
+            table(
+                &[
+                    "START",
+                    "REQ",
+                    "2XX",
+                    "3XX",
+                    "4XX",
+                    "5XX",
+                    "DENIED",
+                    "LIMITED",
+                    "UNAUTH",
+                    "ERRORS",
+                    "SUSP",
+                    "P50_MS",
+                    "P95_MS",
+                    "ANOMALIES",
+                ],
+                r.buckets
+                    .iter()
+                    .map(|b| {
+                        vec![
+                            ts(b.start),
+                            b.requests.to_string(),
+                            b.status_2xx.to_string(),
+                            b.status_3xx.to_string(),
+                            b.status_4xx.to_string(),
+                            b.status_5xx.to_string(),
+                            b.denied.to_string(),
+                            b.rate_limited.to_string(),
+                            b.unauthenticated.to_string(),
+                            b.errors.to_string(),
+                            b.suspended.to_string(),
+                            format!("{:.1}", b.p50_latency_us as f64 / 1000.0),
+                            format!("{:.1}", b.p95_latency_us as f64 / 1000.0),
+                            anomalies(b),
+                        ]
+                    })
+                    .collect(),
+            );
+            for s in &r.suspended {
+                println!(
+                    "suspended: {} since {} ({})",
+                    s.caller,
+                    ts(s.since_us / 1_000_000),
+                    s.kind
+                );
+            }
+            Ok(())
+        }
+        ProxyCmd::Unsuspend { name, caller } => {
+            cl.unsuspend(pb::UnsuspendRequest {
+                proxy: name.clone(),
+                caller: caller.clone(),
+            })
+            .await?;
+            eprintln!("cleared the suspension of {caller} on proxy {name}");
             Ok(())
         }
     }
