@@ -18,9 +18,12 @@
 //!
 //! Env: `KEYSEAL_BENCH_SECS` measured seconds per phase (default 5, after
 //! 1 s of warm-up); `KEYSEAL_BENCH_100K=1` also fills the store to 100,000
-//! secrets (16 concurrent puts) and reports RSS and disk size after it;
-//! `KEYSEAL_BENCH_AUDIT=off` runs keyseald with `audit.unsafe_disable = true`
-//! (default: the audit log on, as shipped) to separate the audit's cost.
+//! secrets (16 concurrent puts) and reports RSS and disk size after it.
+//!
+//! Audit cost: the main keyseald runs as shipped (every request audited,
+//! group commit); a second keyseald on its own token with
+//! `audit.unsafe_disable = true` (measurement only) serves the same Get at
+//! concurrency 1 and 64, interleaved with the first, in the same run.
 //!
 //! The echo server is this binary re-executed with `KEYSEAL_BENCH_ROLE=echo`.
 //! Both children are stopped at the end (SIGTERM, bounded wait, SIGKILL),
@@ -54,7 +57,6 @@ const PARENT_ENV: &str = "KEYSEAL_BENCH_PARENT";
 const SECS_ENV: &str = "KEYSEAL_BENCH_SECS";
 const FILL_ENV: &str = "KEYSEAL_BENCH_100K";
 const PIN_ENV: &str = "KEYSEAL_BENCH_PIN";
-const AUDIT_ENV: &str = "KEYSEAL_BENCH_AUDIT";
 
 const VALUE_LEN: usize = 1024;
 const SECRET_NAME: &str = "bench/get-1k";
@@ -120,7 +122,6 @@ struct Setup {
     measure: Duration,
     fill: bool,
     pin: bool,
-    audit: bool,
     cpus: usize,
 }
 
@@ -148,7 +149,6 @@ impl Setup {
             measure: Duration::from_secs_f64(secs),
             fill: std::env::var(FILL_ENV).as_deref() == Ok("1"),
             pin,
-            audit: std::env::var(AUDIT_ENV).as_deref() != Ok("off"),
             cpus,
         })
     }
@@ -163,7 +163,7 @@ impl Setup {
         } else {
             Duration::ZERO
         };
-        Duration::from_secs(180) + phase * (get_phases + 2) + fill
+        Duration::from_secs(180) + phase * (get_phases + 6) + fill
     }
 
     /// CPU list for the servers: CPU 1 when pinning.
@@ -502,15 +502,6 @@ fn machine_facts(setup: &Setup) -> String {
         s,
         "workers: keyseald KEYSEAL_WORKERS={SERVER_WORKERS}, echo {SERVER_WORKERS} worker, load generator {LOADGEN_WORKERS} worker (tokio multi_thread runtimes)"
     );
-    let _ = writeln!(
-        s,
-        "keyseald audit log: {}",
-        if setup.audit {
-            "on (as shipped)"
-        } else {
-            "OFF (audit.unsafe_disable = true, measurement only)"
-        }
-    );
     let _ = write!(
         s,
         "placement: {}",
@@ -533,16 +524,7 @@ async fn run(setup: &Setup) {
     );
 
     // --- keyseald on a throwaway SoftHSM2 token
-    let home = BenchHome::new(
-        &setup.bins,
-        &setup.module,
-        POLICY,
-        if setup.audit {
-            ""
-        } else {
-            "\n[audit]\nunsafe_disable = true\n"
-        },
-    );
+    let home = BenchHome::new(&setup.bins, &setup.module, POLICY, "");
     let d = home.path();
     let socket = home.socket.clone();
     let (mut daemon, ks) = home
@@ -707,6 +689,9 @@ async fn run(setup: &Setup) {
         "keyseald threads after the Get phases: {threads} (1 worker + main + blocking pool + sled/SoftHSM threads)"
     );
 
+    // --- audit cost: the same Get against a keyseald with no audit sink
+    audit_cost(setup, &socket, &mut daemon).await;
+
     // --- put rate, then (optionally) fill to 100,000 secrets
     println!();
     println!("### Put (1 KiB value, new name each)");
@@ -788,12 +773,10 @@ async fn run(setup: &Setup) {
             "(set {FILL_ENV}=1 to fill the store to {FILL_TARGET} secrets and measure RSS then)"
         );
     }
-    if setup.audit {
-        println!();
-        println!(
-            "(the audit log lives in the store's sled database: the store size and RSS include it)"
-        );
-    }
+    println!();
+    println!(
+        "(the audit log lives in the store's sled database: the store size and RSS include it)"
+    );
     println!();
     println!("echo server RSS idle: {echo_rss:.1} MiB");
 
@@ -813,4 +796,69 @@ async fn run(setup: &Setup) {
             println!("  {l}");
         }
     }
+}
+
+/// Get at concurrency 1 and 64 against `daemon` (audit on, as shipped) and
+/// a second keyseald with `audit.unsafe_disable = true`, interleaved.
+async fn audit_cost(setup: &Setup, socket: &Path, daemon: &mut ChildGuard) {
+    let home = BenchHome::new(
+        &setup.bins,
+        &setup.module,
+        POLICY,
+        "\n[audit]\nunsafe_disable = true\n",
+    );
+    let (mut off, ch) = home
+        .start(
+            &setup.bins,
+            SERVER_WORKERS,
+            setup.server_cpus(),
+            "keyseald-noaudit.log",
+        )
+        .await;
+    let mut sc = SecretsClient::new(ch.clone());
+    sc.put(pb::PutRequest {
+        name: SECRET_NAME.into(),
+        value: value_1k(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    drop(ch);
+    println!();
+    println!("### Audit cost: Get (1 KiB) with the audit log on (as shipped) vs `audit.unsafe_disable = true`");
+    println!();
+    println!("| concurrency | audit on requests/s | p50 / p99 | audit off requests/s | p50 / p99 | on/off | on/off server CPU per request | errors (on/off) |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for conc in [1, 64] {
+        daemon.check_alive();
+        off.check_alive();
+        eprintln!("grpc_load: audit on/off c={conc}");
+        let on_row = get_phase("audit on", socket, daemon.pid(), conc, 1, setup.measure).await;
+        let off_row = get_phase("audit off", &home.socket, off.pid(), conc, 1, setup.measure).await;
+        let (a, b) = (&on_row.m, &off_row.m);
+        let ratio = a.rps / b.rps.max(1e-9);
+        println!(
+            "| {conc} | {:.0} | {} / {} | {:.0} | {} / {} | {:.0}% | {:.2}× | {}/{} |",
+            a.rps,
+            fmt_dur(a.p50),
+            fmt_dur(a.p99),
+            b.rps,
+            fmt_dur(b.p50),
+            fmt_dur(b.p99),
+            ratio * 100.0,
+            a.server_cpu_per_req().as_secs_f64() / b.server_cpu_per_req().as_secs_f64().max(1e-12),
+            a.errors,
+            b.errors
+        );
+        if conc == 64 {
+            println!();
+            println!(
+                "goal (auditing costs ≤ 30% of Get throughput at c=64): cost {:.0}% — {}",
+                (1.0 - ratio) * 100.0,
+                if ratio >= 0.70 { "met" } else { "MISSED" }
+            );
+        }
+    }
+    let how = off.stop();
+    eprintln!("grpc_load: keyseald (audit off): {how}");
 }

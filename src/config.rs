@@ -151,6 +151,9 @@ pub enum LogFormat {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub root: RootConfig,
+    /// The environment variable the PKCS#11 PIN was read from (when not
+    /// from `pin_file`): keyseald scrubs it from its environment at start.
+    pub pin_env_var: Option<String>,
     pub store_path: PathBuf,
     pub max_value_bytes: usize,
     pub default_max_versions: u32,
@@ -208,6 +211,7 @@ impl Config {
             }
         };
 
+        let mut pin_env_var = None;
         let root = match raw.root.backend.as_str() {
             "pkcs11" => {
                 let p = raw.root.pkcs11.ok_or_else(|| {
@@ -227,6 +231,7 @@ impl Config {
                         if v.is_empty() {
                             return Err(err(format!("root.pkcs11: env var {var} is empty")));
                         }
+                        pin_env_var = Some(var.to_owned());
                         Zeroizing::new(v)
                     }
                 };
@@ -358,6 +363,7 @@ impl Config {
         }
         let audit_unsafe_disable = raw.audit.unsafe_disable.unwrap_or(false);
         Ok(Config {
+            pin_env_var,
             audit,
             audit_unsafe_disable,
             apikeys,

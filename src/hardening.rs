@@ -66,3 +66,10 @@ pub fn harden(lock: LockMemory) -> Result<HardeningReport, String> {
         memory_lock_note,
     })
 }
+
+/// Removes a variable that carried a secret (the PKCS#11 PIN) from the
+/// environment, including the exec-time copy `/proc/<pid>/environ` shows.
+/// Call while the process has one thread.
+pub fn scrub_env_var(name: &str) {
+    crate::sys::scrub_env_var(name);
+}

@@ -114,6 +114,34 @@ pub(crate) fn take_inherited_fd(fd: i32) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// Removes `name` from this process's environment and first overwrites its
+/// value with zeros where the kernel shows it: `/proc/<pid>/environ` reads
+/// the exec-time environment block in place, which `remove_var` alone
+/// leaves untouched. For a PIN passed in the environment.
+///
+/// Call only while the process has a single thread (keyseald does it at the
+/// top of `main`): the C environment is not thread-safe.
+pub fn scrub_env_var(name: &str) {
+    let Ok(cname) = std::ffi::CString::new(name) else {
+        return;
+    };
+    // SAFETY: single-threaded by contract, so nothing modifies the
+    // environment concurrently. getenv returns null or a pointer to the
+    // NUL-terminated value inside the live environment block, which is
+    // writable process memory (the initial stack for exec-time variables);
+    // strlen stays within it and write_volatile writes only those bytes.
+    unsafe {
+        let p = libc::getenv(cname.as_ptr());
+        if !p.is_null() {
+            let len = libc::strlen(p);
+            for i in 0..len {
+                std::ptr::write_volatile(p.add(i), 0);
+            }
+        }
+    }
+    std::env::remove_var(name);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -649,10 +649,10 @@ fn daemon_is_not_dumpable() {
 }
 
 #[test]
-#[ignore = "known exposure: with root.pkcs11.pin_env the PIN stays in /proc/<pid>/environ (the exec-time environment) for the daemon's lifetime"]
 fn pin_from_env_stays_out_of_proc() {
     // `pin_env`: the PIN comes from the environment keyseald was started
-    // with. /proc/PID/environ shows the environment as it was at exec.
+    // with. /proc/PID/environ shows the exec-time environment block, which
+    // keyseald overwrites at start (hardening::scrub_env_var).
     let mut d = TestDaemon::start(Backend::SoftHsm, ROOT_POLICY);
     d.stop();
     let cfg = std::fs::read_to_string(&d.config).unwrap();

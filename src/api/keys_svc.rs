@@ -242,7 +242,7 @@ impl KeysApi for KeysService {
                 .authorize(&who, Capability::KeySign, name.as_str())?;
             let n = name.clone();
             let (version, signature) = self.keys(move |k| k.sign(&n, input.as_input())).await?;
-            tracing::info!(key = %name, version, "signed");
+            tracing::debug!(key = %name, version, "signed");
             Ok(Response::new(pb::SignResponse {
                 version,
                 signature,

@@ -59,6 +59,11 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(exit::CONFIG, e),
     };
+    // The PIN is in memory now; take it out of /proc/<pid>/environ while
+    // this process still has one thread.
+    if let Some(var) = &cfg.pin_env_var {
+        keyseal::hardening::scrub_env_var(var);
+    }
     init_logging(&cfg);
     let hardening = match keyseal::hardening::harden(cfg.lock_memory) {
         Ok(h) => h,
