@@ -890,3 +890,162 @@ fn forward_proxy_and_connect_guards() {
     assert!(log.contains("CONNECT refused"));
     assert_no_leak(&e, &[secret, &key]);
 }
+
+/// Every audit event (as `keyseal audit query --json` prints them).
+fn audit_events(d: &TestDaemon, op: &str) -> Vec<serde_json::Value> {
+    let out = ok(
+        d,
+        &["audit", "query", "--op", op, "--limit", "1000", "--json"],
+        b"",
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn audit_text(d: &TestDaemon) -> String {
+    let out = ok(d, &["audit", "query", "--limit", "1000", "--json"], b"");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Allowed, denied and unauthenticated requests and CONNECTs each leave
+/// one decision event in the hardware-signed audit log, with the key id
+/// (never the key) and only the HMAC of the path; admin changes are there too.
+#[test]
+fn proxy_decisions_are_audited() {
+    let e = setup();
+    let secret = "AUDIT-cred-a11ce";
+    configure(&e, secret);
+    let (id, key) = issue(&e.d, "svc/a", None);
+    let bearer = format!("Authorization: Bearer {key}");
+
+    let r = curl(&["-H", &bearer, &gw_url(&e, "vendor/v1/items/user-4242")]);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = curl(&["-H", &bearer, &gw_url(&e, "vendor/v1/admin/users")]);
+    assert_eq!(r.status, 403);
+    let r = curl(&[
+        "-H",
+        "Authorization: Bearer ks_live_nope",
+        &gw_url(&e, "vendor/v1/items"),
+    ]);
+    assert_eq!(r.status, 401);
+    let r = curl(&[
+        "--unix-socket",
+        e.gw_sock.to_str().unwrap(),
+        "http://localhost/p/vendor/v1/items",
+    ]);
+    assert_eq!(r.status, 200, "{}", r.body);
+    // Forward proxy without a key, and CONNECTs allowed and refused.
+    let fwd = format!("http://127.0.0.1:{}", e.fwd);
+    let target = format!("http://localhost:{}/v1/items", e.up.addr.port());
+    assert_eq!(curl(&["-x", &fwd, &target]).status, 407);
+    let tunnel = format!("127.0.0.2:{}", e.up2_addr.port());
+    let r = curl(&[
+        "-x",
+        &fwd,
+        "-U",
+        &format!("svc:{key}"),
+        "--cacert",
+        e.ca.to_str().unwrap(),
+        &format!("https://{tunnel}/t"),
+    ]);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(raw_connect(e.fwd, "10.0.0.1:443", &key), 403);
+
+    let reqs = audit_events(&e.d, "proxy.request");
+    let hash = |v: &str| {
+        let out = ok(&e.d, &["audit", "hash"], v.as_bytes());
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    };
+    let path_hmac = hash("/v1/items/user-4242");
+    assert!(path_hmac.starts_with("hmac-sha256:"), "{path_hmac}");
+    let find = |pred: &dyn Fn(&serde_json::Value) -> bool, what: &str| {
+        let hits: Vec<_> = reqs.iter().filter(|e| pred(e)).collect();
+        assert_eq!(hits.len(), 1, "{what}: {reqs:#?}");
+        hits[0].clone()
+    };
+    // Allowed, by key: the key id, the rule, the path's HMAC.
+    let ev = find(
+        &|e| e["detail"]["path_hmac"] == path_hmac.as_str(),
+        "allowed",
+    );
+    assert_eq!(ev["target"], "vendor");
+    assert_eq!(ev["result"], "ok");
+    assert!(ev.get("code").is_none());
+    assert_eq!(ev["actor"]["kind"], "api_key");
+    assert_eq!(ev["actor"]["api_key_id"], id.as_str());
+    assert_eq!(ev["detail"]["decision"], "allow");
+    assert_eq!(ev["detail"]["rule"], "allow-v1");
+    assert_eq!(ev["detail"]["method"], "GET");
+    assert_eq!(ev["detail"]["listener"], "gateway");
+    // Denied by a rule.
+    let ev = find(&|e| e["detail"]["rule"] == "deny-admin", "denied");
+    assert_eq!(ev["result"], "denied");
+    assert_eq!(ev["code"], "PERMISSION_DENIED");
+    assert_eq!(ev["detail"]["status"], "403");
+    assert_eq!(ev["detail"]["decision"], "deny");
+    assert_eq!(ev["actor"]["api_key_id"], id.as_str());
+    assert_eq!(ev["detail"]["path_hmac"], hash("/v1/admin/users").as_str());
+    // Unauthenticated on the gateway (bad key) and on the forward proxy.
+    let ev = find(
+        &|e| e["detail"]["decision"] == "unauthenticated" && e["detail"]["listener"] == "gateway",
+        "unauthenticated",
+    );
+    assert_eq!(ev["result"], "denied");
+    assert_eq!(ev["code"], "UNAUTHENTICATED");
+    assert_eq!(ev["detail"]["status"], "401");
+    assert!(ev["actor"].get("api_key_id").is_none());
+    assert!(ev["detail"]["peer"]
+        .as_str()
+        .unwrap()
+        .starts_with("127.0.0.1:"));
+    let ev = find(
+        &|e| e["detail"]["decision"] == "unauthenticated" && e["detail"]["listener"] == "forward",
+        "forward unauthenticated",
+    );
+    assert_eq!(ev["detail"]["status"], "407");
+    // The Unix-socket caller is its kernel identity.
+    let ev = find(
+        &|e| e["actor"]["kind"] == "peer" && e["result"] == "ok",
+        "unix",
+    );
+    assert_eq!(ev["actor"]["uid"], 0);
+    assert!(ev["actor"]["pid"].as_u64().is_some());
+
+    // CONNECT decisions.
+    let conns = audit_events(&e.d, "proxy.connect");
+    assert_eq!(conns.len(), 2, "{conns:#?}");
+    let ok_ev = conns.iter().find(|c| c["result"] == "ok").unwrap();
+    assert_eq!(ok_ev["target"], "connect");
+    assert_eq!(ok_ev["detail"]["host"], tunnel.as_str());
+    assert_eq!(ok_ev["actor"]["api_key_id"], id.as_str());
+    let no = conns.iter().find(|c| c["result"] == "denied").unwrap();
+    assert_eq!(no["code"], "PERMISSION_DENIED");
+    assert_eq!(no["detail"]["host"], "10.0.0.1:443");
+
+    // Admin changes over gRPC are audited by the service wrapper.
+    for (op, target) in [
+        ("proxy.target.put", "vendor"),
+        ("proxy.credential.put", "vendor-key"),
+        ("proxy.put", "vendor"),
+    ] {
+        let evs = audit_events(&e.d, op);
+        assert!(
+            evs.iter()
+                .any(|e| e["target"] == target && e["result"] == "ok" && e["actor"]["uid"] == 0),
+            "{op} {target}: {evs:#?}"
+        );
+    }
+    assert!(audit_events(&e.d, "proxy.rule.put")
+        .iter()
+        .any(|e| e["result"] == "ok"));
+
+    // No key, credential or raw path in the whole log.
+    let all = audit_text(&e.d);
+    for s in [key.as_str(), secret, "user-4242", "ks_live_nope"] {
+        assert!(!all.contains(s), "the audit log holds {s:?}");
+    }
+    assert_no_leak(&e, &[secret, &key]);
+}

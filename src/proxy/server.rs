@@ -267,6 +267,65 @@ struct Ctx {
     caller: String,
     method: String,
     path: String,
+    /// Who, for the audit event (refined once the caller is authenticated).
+    actor: crate::audit::Actor,
+    /// The loopback TCP address of the peer, when not a Unix socket.
+    peer_addr: Option<SocketAddr>,
+    mode: Mode,
+    /// The decision event was written (or auditing is off): nothing more
+    /// goes to the audit log for this request.
+    audited: bool,
+}
+
+impl Ctx {
+    fn set_who(&mut self, who: &Who) {
+        self.caller = who.label();
+        self.actor = match who {
+            Who::Key { id, .. } => crate::audit::Actor::api_key(id.clone()),
+            Who::Kernel(p) => crate::audit::Actor::peer(p),
+        };
+    }
+}
+
+/// The audit `code` of a refusal (gRPC code names, as for gRPC requests).
+fn audit_code(decision: &str, status: u16) -> (crate::audit::Outcome, Option<&'static str>) {
+    use crate::audit::Outcome;
+    match decision {
+        "allow" => (Outcome::Ok, None),
+        "deny" => (Outcome::Denied, Some("PERMISSION_DENIED")),
+        "unauthenticated" => (Outcome::Denied, Some("UNAUTHENTICATED")),
+        "rate_limited" => (Outcome::Denied, Some("RESOURCE_EXHAUSTED")),
+        _ => (
+            Outcome::Error,
+            Some(match status {
+                400 | 413 => "INVALID_ARGUMENT",
+                404 => "NOT_FOUND",
+                405 => "UNIMPLEMENTED",
+                429 => "RESOURCE_EXHAUSTED",
+                502 | 503 => "UNAVAILABLE",
+                504 => "DEADLINE_EXCEEDED",
+                _ => "INTERNAL",
+            }),
+        ),
+    }
+}
+
+/// A method worth recording verbatim: a short HTTP token. Anything else is
+/// recorded as its audit HMAC.
+fn plain_token(s: &str, max: usize) -> bool {
+    !s.is_empty()
+        && s.len() <= max
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:[]".contains(&b))
+}
+
+/// The 503 answered when the decision cannot be audited.
+fn unaudited() -> Refusal {
+    Refusal::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the audit log could not record this request; nothing is forwarded unaudited",
+        "error",
+    )
 }
 
 impl Gateway {
@@ -305,6 +364,104 @@ impl Gateway {
             latency_us = e.latency_us, "proxied request"
         );
         self.store.log(&e);
+    }
+
+    /// Writes the decision about this request to the audit log and waits
+    /// until it is durable, before anything is forwarded (fail closed: an
+    /// `Err` is the 503 to answer instead). One event per request; a no-op
+    /// once written or when auditing is off (`audit.unsafe_disable`).
+    ///
+    /// The path can carry identifiers, so only its audit HMAC is recorded
+    /// (`path_hmac`; `keyseal audit hash`); a CONNECT records its
+    /// `host:port`. The target is the proxy name (`connect` for tunnels),
+    /// the actor the key id or kernel identity, never a key.
+    async fn audit_decision(
+        &self,
+        ctx: &mut Ctx,
+        decision: &str,
+        status: Option<u16>,
+        rule: Option<&str>,
+    ) -> Result<(), Refusal> {
+        if ctx.audited {
+            return Ok(());
+        }
+        ctx.audited = true;
+        let Some(audit) = &self.state.audit else {
+            return Ok(());
+        };
+        let connect = ctx.proxy == "connect";
+        let op = if connect {
+            "proxy.connect"
+        } else {
+            "proxy.request"
+        };
+        let (outcome, code) = audit_code(decision, status.unwrap_or(0));
+        let mut ev = crate::audit::NewEvent::new(ctx.time_us / 1000, ctx.actor.clone(), op)
+            .outcome(outcome, code)
+            .detail("decision", decision)
+            .detail(
+                "listener",
+                match ctx.mode {
+                    Mode::Gateway => "gateway",
+                    Mode::Forward => "forward",
+                },
+            );
+        if ctx.proxy != "-" {
+            ev = ev.target(if super::model::check_name("proxy", &ctx.proxy).is_ok() {
+                ctx.proxy.clone()
+            } else {
+                audit.hash(ctx.proxy.as_bytes())
+            });
+        }
+        ev = ev.detail(
+            "method",
+            if plain_token(&ctx.method, 32) {
+                ctx.method.clone()
+            } else {
+                audit.hash(ctx.method.as_bytes())
+            },
+        );
+        if connect {
+            // A CONNECT's "path" is host:port: recorded as is when it is one.
+            ev = ev.detail(
+                "host",
+                if plain_token(&ctx.path, 260) {
+                    ctx.path.clone()
+                } else {
+                    audit.hash(ctx.path.as_bytes())
+                },
+            );
+        } else if !ctx.path.is_empty() {
+            ev = ev.detail("path_hmac", audit.hash(ctx.path.as_bytes()));
+        }
+        if let Some(r) = rule {
+            ev = ev.detail("rule", r);
+        }
+        if let Some(st) = status {
+            ev = ev.detail("status", st.to_string());
+        }
+        if let Some(a) = ctx.peer_addr {
+            ev = ev.detail("peer", a.to_string());
+        }
+        match audit.append(ev).await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                tracing::error!(error = %e, proxy = %ctx.proxy, "audit append failed; refusing the proxied request");
+                Err(unaudited())
+            }
+        }
+    }
+
+    /// Audits a refusal; answers 503 instead when it cannot be audited.
+    async fn audit_refusal(&self, ctx: &mut Ctx, r: Refusal) -> Refusal {
+        let status = r.resp.status().as_u16();
+        match self
+            .audit_decision(ctx, r.decision, Some(status), r.rule.as_deref())
+            .await
+        {
+            Ok(()) => r,
+            Err(u) => u,
+        }
     }
 
     // ---- phases -----------------------------------------------------------
@@ -489,13 +646,25 @@ impl Gateway {
             caller: "-".into(),
             method: req.method().as_str().to_owned(),
             path: req.uri().path().to_owned(),
+            actor: match &peer {
+                Peer::Unix(id) => crate::audit::Actor::peer(id),
+                Peer::Tcp(_) => crate::audit::Actor::default(),
+            },
+            peer_addr: match &peer {
+                Peer::Unix(_) => None,
+                Peer::Tcp(a) => Some(*a),
+            },
+            mode,
+            audited: false,
         };
         if req.method() == Method::CONNECT {
             if mode != Mode::Forward {
-                return error(
+                let r = Refusal::new(
                     StatusCode::METHOD_NOT_ALLOWED,
                     "CONNECT is served on the forward proxy listener",
+                    "error",
                 );
+                return *self.audit_refusal(&mut ctx, r).await.resp;
             }
             return self.connect(req, peer, ctx).await;
         }
@@ -506,6 +675,7 @@ impl Gateway {
         match res {
             Ok(r) => r,
             Err(refusal) => {
+                let refusal = self.audit_refusal(&mut ctx, refusal).await;
                 self.log(
                     &ctx,
                     refusal.resp.status().as_u16(),
@@ -539,7 +709,7 @@ impl Gateway {
         ctx.proxy = name.to_owned();
         ctx.path = rest.to_owned();
         let who = self.authenticate(req.headers(), peer, Mode::Gateway)?;
-        ctx.caller = who.label();
+        ctx.set_who(&who);
         let snap = self.snapshot(name)?;
         let rest = rest.to_owned();
         self.proxied(req, who, snap, rest, Mode::Gateway, ctx).await
@@ -577,7 +747,7 @@ impl Gateway {
             ));
         };
         let who = self.authenticate(req.headers(), peer, Mode::Forward)?;
-        ctx.caller = who.label();
+        ctx.set_who(&who);
         let fail = |e: super::model::ProxyError| {
             tracing::error!(error = %e, "proxy configuration read failed");
             Refusal::new(
@@ -863,6 +1033,10 @@ impl Gateway {
         *up.headers_mut() = headers_out;
         drop(secret);
 
+        // The decision is durable in the audit log before anything leaves.
+        self.audit_decision(ctx, "allow", None, explain.rule.as_deref())
+            .await?;
+
         // Send.
         let client = self.clients.get(&snap.target).map_err(|e| {
             tracing::error!(target = %snap.target.name, error = %e, "upstream client");
@@ -989,18 +1163,15 @@ impl Gateway {
         ctx.path = authority.clone();
         let who = match self.authenticate(req.headers(), &peer, Mode::Forward) {
             Ok(w) => w,
-            Err(r) => {
-                self.log(&ctx, r.resp.status().as_u16(), r.decision, None, (0, 0));
-                return *r.resp;
-            }
+            Err(r) => return self.connect_refused(&mut ctx, r).await,
         };
-        ctx.caller = who.label();
+        ctx.set_who(&who);
         let addrs = match self.cfg.egress.resolve(&authority).await {
             Ok(a) => a,
             Err(e) => {
                 tracing::warn!(target = %authority, reason = %e, caller = %ctx.caller, "CONNECT refused");
-                self.log(&ctx, 403, "deny", None, (0, 0));
-                return error(StatusCode::FORBIDDEN, &e.to_string());
+                let r = Refusal::new(StatusCode::FORBIDDEN, &e.to_string(), "deny");
+                return self.connect_refused(&mut ctx, r).await;
             }
         };
         let mut stream = None;
@@ -1013,12 +1184,21 @@ impl Gateway {
             }
         }
         let Some(upstream) = stream else {
-            self.log(&ctx, 502, "error", None, (0, 0));
-            return error(
+            let r = Refusal::new(
                 StatusCode::BAD_GATEWAY,
                 "cannot connect to the tunnel target",
+                "error",
             );
+            return self.connect_refused(&mut ctx, r).await;
         };
+        // The tunnel carries nothing until its decision is durable.
+        if let Err(r) = self
+            .audit_decision(&mut ctx, "allow", Some(200), None)
+            .await
+        {
+            drop(upstream);
+            return self.connect_refused(&mut ctx, r).await;
+        }
         self.log(&ctx, 200, "allow", None, (0, 0));
         tokio::spawn(async move {
             match hyper::upgrade::on(req).await {
@@ -1031,6 +1211,15 @@ impl Gateway {
             }
         });
         Response::new(full(Bytes::new()))
+    }
+}
+
+impl Gateway {
+    /// A refused CONNECT: audited (503 when it cannot be), logged, answered.
+    async fn connect_refused(&self, ctx: &mut Ctx, r: Refusal) -> Response<RespBody> {
+        let r = self.audit_refusal(ctx, r).await;
+        self.log(ctx, r.resp.status().as_u16(), r.decision, None, (0, 0));
+        *r.resp
     }
 }
 
