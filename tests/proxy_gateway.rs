@@ -478,16 +478,15 @@ fn gateway_injects_strips_and_decides() {
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["headers"]["x-api-key"], secret);
 
-    // 401: no key on TCP, a bad key, a key of another owner is 403.
-    let r = curl(&[&gw_url(&e, "vendor/v1/items")]);
-    assert_eq!(r.status, 401);
-    assert!(r.json()["error"].is_string());
+    // 401: a bad key; a key of another owner is 403.
     let r = curl(&[
         "-H",
         "Authorization: Bearer ks_live_nope",
         &gw_url(&e, "vendor/v1/items"),
     ]);
     assert_eq!(r.status, 401);
+    assert!(r.json()["error"].is_string());
+    assert!(r.header("www-authenticate").is_some());
     let r = curl(&[
         "-H",
         &format!("Authorization: Bearer {other_key}"),
@@ -832,12 +831,10 @@ fn forward_proxy_and_connect_guards() {
     assert_eq!(j["headers"]["x-api-key"], secret);
     assert!(j["headers"].get("proxy-authorization").is_none());
     assert_eq!(j["query"], "q=2");
-    // 407 without or with a bad Proxy-Authorization.
-    let r = curl(&["-x", &fwd, &target]);
-    assert_eq!(r.status, 407);
-    assert!(r.header("proxy-authenticate").is_some());
+    // 407 with a bad Proxy-Authorization.
     let r = curl(&["-x", &fwd, "-U", "svc:ks_live_bad", &target]);
     assert_eq!(r.status, 407);
+    assert!(r.header("proxy-authenticate").is_some());
     // A host with no target is refused (not an open proxy).
     let r = curl(&[
         "-x",
@@ -940,7 +937,10 @@ fn proxy_decisions_are_audited() {
     // Forward proxy without a key, and CONNECTs allowed and refused.
     let fwd = format!("http://127.0.0.1:{}", e.fwd);
     let target = format!("http://localhost:{}/v1/items", e.up.addr.port());
-    assert_eq!(curl(&["-x", &fwd, &target]).status, 407);
+    assert_eq!(
+        curl(&["-x", &fwd, "-U", "svc:ks_live_bad", &target]).status,
+        407
+    );
     let tunnel = format!("127.0.0.2:{}", e.up2_addr.port());
     let r = curl(&[
         "-x",
@@ -1048,4 +1048,95 @@ fn proxy_decisions_are_audited() {
         assert!(!all.contains(s), "the audit log holds {s:?}");
     }
     assert_no_leak(&e, &[secret, &key]);
+}
+
+/// `curl` run as another uid (no header file: it could not write ours).
+fn curl_as(uid: u32, args: &[&str]) -> (u16, String) {
+    let out = Command::new("setpriv")
+        .arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={uid}"))
+        .arg("--clear-groups")
+        .args(["curl", "-sS", "--max-time", "15", "-w", "\n%{http_code}"])
+        .args(args)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (
+        code.trim().parse().unwrap_or(0),
+        format!("{body}{}", String::from_utf8_lossy(&out.stderr)),
+    )
+}
+
+/// Loopback TCP callers without a key are identified by the uid owning
+/// their socket (netlink sock_diag) and authorised like Unix-socket peers:
+/// root is admitted while the proxy's callers include uid=0, nobody is not;
+/// repointing the callers at user=nobody turns both around.
+#[test]
+fn loopback_tcp_callers_are_identified_by_uid() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root to run curl as another uid");
+        return;
+    }
+    let e = setup();
+    let secret = "TCP-uid-cred-5e1f";
+    configure(&e, secret);
+    let url = gw_url(&e, "vendor/v1/items");
+
+    // root (the test), no key, over 127.0.0.1: callers has uid=0.
+    let r = curl(&[&url]);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["headers"]["x-api-key"], secret);
+    // The forward proxy maps the same way.
+    let fwd = format!("http://127.0.0.1:{}", e.fwd);
+    let target = format!("http://localhost:{}/v1/items", e.up.addr.port());
+    let r = curl(&["-x", &fwd, &target]);
+    assert_eq!(r.status, 200, "{}", r.body);
+    // nobody (65534) is identified too, and is not a caller.
+    let (status, body) = curl_as(65534, &[&url]);
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("may not use this proxy"), "{body}");
+    let (status, _) = curl_as(65534, &["-x", &fwd, &target]);
+    assert_eq!(status, 403);
+
+    // Callers: user=nobody only (root has no proxy:use in the policy).
+    ok(
+        &e.d,
+        &[
+            "proxy",
+            "put",
+            "vendor",
+            "--target",
+            "vendor",
+            "--credential",
+            "vendor-key",
+            "--caller",
+            "user=nobody",
+        ],
+        b"",
+    );
+    let (status, body) = curl_as(65534, &[&url]);
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(secret));
+    let r = curl(&[&url]);
+    assert_eq!(r.status, 403, "{}", r.body);
+
+    // The request log and the audit log name the uid, never a guess.
+    let out = ok(&e.d, &["proxy", "requests", "vendor", "--json"], b"");
+    let log: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(log
+        .iter()
+        .any(|l| l["caller"] == "uid=65534(nobody) tcp" && l["decision"] == "allow"));
+    assert!(log
+        .iter()
+        .any(|l| l["caller"] == "uid=0(root) tcp" && l["decision"] == "deny"));
+    let evs = audit_events(&e.d, "proxy.request");
+    assert!(evs.iter().any(|v| v["actor"]["uid"] == 65534
+        && v["actor"]["user"] == "nobody"
+        && v["result"] == "ok"
+        && v["detail"]["peer"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1:")));
+    assert_no_leak(&e, &[secret]);
 }

@@ -4,11 +4,13 @@
 //! tunnels to allow-listed hosts).
 //!
 //! A request goes through phases, each a small function (pingora's
-//! `ProxyHttp` shape): `authenticate` (proxy key or kernel identity) →
+//! `ProxyHttp` shape): `authenticate` (proxy key, or the kernel identity of
+//! a Unix-socket peer or of a loopback TCP peer via [`super::sockdiag`]) →
 //! `authorize` (the proxy's callers) → `rate_limit` (the key's plan and the
 //! proxy's plan) → `rules` ([`evaluate`]) → `upstream_request` (strip client
 //! credentials and hop-by-hop headers, inject the target credential) →
-//! send (pooled client, timeouts) → `response_filter` (hop-by-hop,
+//! `audit_decision` (the decision event is durable in the audit log, else
+//! 503; refusals are audited the same way) → send (pooled client, timeouts) → `response_filter` (hop-by-hop,
 //! `keyseal-decision`, `X-RateLimit-*`) → log (when the response body ends).
 //!
 //! Nothing here caches key validity: every request verifies its key, so a
@@ -64,7 +66,71 @@ pub enum Mode {
 #[derive(Debug, Clone)]
 pub enum Peer {
     Unix(Arc<PeerIdentity>),
-    Tcp(SocketAddr),
+    Tcp(Arc<TcpPeer>),
+}
+
+/// A TCP connection: its two addresses and, once asked for, the owner of
+/// the peer's socket (loopback only, via `sock_diag`), kept for the
+/// connection's life.
+#[derive(Debug)]
+pub struct TcpPeer {
+    pub addr: SocketAddr,
+    pub local: SocketAddr,
+    owner: tokio::sync::OnceCell<Option<Arc<PeerIdentity>>>,
+}
+
+impl TcpPeer {
+    pub fn new(addr: SocketAddr, local: SocketAddr) -> TcpPeer {
+        TcpPeer {
+            addr,
+            local,
+            owner: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    /// The kernel identity of a loopback peer: the uid owning its socket
+    /// (exact 4-tuple lookup with netlink `sock_diag`) and that uid's user
+    /// name. The gid is unknown (`u32::MAX`: `gid=`/`group=` selectors never
+    /// match), as are pid, exe and unit. `None` for non-loopback peers and
+    /// when the socket is not found live.
+    async fn kernel_identity(&self) -> Option<Arc<PeerIdentity>> {
+        let (addr, local) = (self.addr, self.local);
+        let loopback = |ip: std::net::IpAddr| match ip {
+            std::net::IpAddr::V6(v6) => v6
+                .to_ipv4_mapped()
+                .map_or(v6.is_loopback(), |v4| v4.is_loopback()),
+            v4 => v4.is_loopback(),
+        };
+        if !loopback(addr.ip()) || !loopback(local.ip()) {
+            return None;
+        }
+        self.owner
+            .get_or_init(|| async move {
+                let r = tokio::task::spawn_blocking(move || {
+                    let o = super::sockdiag::tcp_owner(addr, local)?;
+                    let mut id = PeerIdentity::new(o.uid, u32::MAX);
+                    id.user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(o.uid))
+                        .ok()
+                        .flatten()
+                        .map(|u| u.name);
+                    Ok::<_, super::sockdiag::SockDiagError>((id, o.inode))
+                })
+                .await;
+                match r {
+                    Ok(Ok((id, inode))) => {
+                        tracing::debug!(peer = %addr, uid = id.uid, inode, "loopback TCP peer identified");
+                        Some(Arc::new(id))
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(peer = %addr, error = %e, "cannot identify the loopback TCP peer");
+                        None
+                    }
+                    Err(_) => None,
+                }
+            })
+            .await
+            .clone()
+    }
 }
 
 /// An authenticated caller.
@@ -75,21 +141,27 @@ enum Who {
         owner: String,
         rate: Option<RateDecision>,
     },
-    Kernel(Arc<PeerIdentity>),
+    /// Known by the kernel: a Unix-socket peer, or (`tcp`) the owner of a
+    /// loopback TCP peer's socket.
+    Kernel { id: Arc<PeerIdentity>, tcp: bool },
 }
 
 impl Who {
     fn label(&self) -> String {
         match self {
             Who::Key { id, .. } => format!("key:{id}"),
-            Who::Kernel(p) => p.display_short(),
+            Who::Kernel { id, tcp: false } => id.display_short(),
+            Who::Kernel { id, tcp: true } => match &id.user {
+                Some(u) => format!("uid={}({}) tcp", id.uid, u),
+                None => format!("uid={} tcp", id.uid),
+            },
         }
     }
 
     fn rate_key(&self) -> String {
         match self {
             Who::Key { id, .. } => format!("key:{id}"),
-            Who::Kernel(p) => format!("uid:{}", p.uid),
+            Who::Kernel { id, .. } => format!("uid:{}", id.uid),
         }
     }
 }
@@ -282,7 +354,7 @@ impl Ctx {
         self.caller = who.label();
         self.actor = match who {
             Who::Key { id, .. } => crate::audit::Actor::api_key(id.clone()),
-            Who::Kernel(p) => crate::audit::Actor::peer(p),
+            Who::Kernel { id, .. } => crate::audit::Actor::peer(id),
         };
     }
 }
@@ -515,13 +587,25 @@ impl Gateway {
     }
 
     /// Phase 1: who is calling. A presented key is verified now (no
-    /// caching), else the kernel identity of a Unix-socket peer is used.
-    fn authenticate(&self, headers: &HeaderMap, peer: &Peer, mode: Mode) -> Result<Who, Refusal> {
+    /// caching), else the kernel identity of a Unix-socket peer or of a
+    /// loopback TCP peer (`sock_diag`) is used.
+    async fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        peer: &Peer,
+        mode: Mode,
+    ) -> Result<Who, Refusal> {
         let key = Self::presented_key(headers, mode);
         let Some(key) = key else {
             return match peer {
-                Peer::Unix(id) => Ok(Who::Kernel(id.clone())),
-                Peer::Tcp(_) => Err(Self::unauthenticated(mode, "missing proxy key")),
+                Peer::Unix(id) => Ok(Who::Kernel {
+                    id: id.clone(),
+                    tcp: false,
+                }),
+                Peer::Tcp(t) => match t.kernel_identity().await {
+                    Some(id) => Ok(Who::Kernel { id, tcp: true }),
+                    None => Err(Self::unauthenticated(mode, "missing proxy key")),
+                },
             };
         };
         let (caller, source) = match peer {
@@ -533,13 +617,13 @@ impl Gateway {
                 },
                 None,
             ),
-            Peer::Tcp(a) => (
+            Peer::Tcp(t) => (
                 VerifyCaller {
                     uid: u32::MAX,
                     unit: None,
-                    actor: format!("tcp:{a}"),
+                    actor: format!("tcp:{}", t.addr),
                 },
-                Some(a.ip()),
+                Some(t.addr.ip()),
             ),
         };
         let now = crate::apikeys::now();
@@ -592,7 +676,7 @@ impl Gateway {
         let p = &snap.proxy;
         match who {
             Who::Key { id, owner, .. } => p.key_ids.contains(id) || p.key_owners.contains(owner),
-            Who::Kernel(id) => {
+            Who::Kernel { id, .. } => {
                 p.callers.iter().any(|s| s.matches(id))
                     || self
                         .state
@@ -652,7 +736,7 @@ impl Gateway {
             },
             peer_addr: match &peer {
                 Peer::Unix(_) => None,
-                Peer::Tcp(a) => Some(*a),
+                Peer::Tcp(t) => Some(t.addr),
             },
             mode,
             audited: false,
@@ -708,7 +792,9 @@ impl Gateway {
         };
         ctx.proxy = name.to_owned();
         ctx.path = rest.to_owned();
-        let who = self.authenticate(req.headers(), peer, Mode::Gateway)?;
+        let who = self
+            .authenticate(req.headers(), peer, Mode::Gateway)
+            .await?;
         ctx.set_who(&who);
         let snap = self.snapshot(name)?;
         let rest = rest.to_owned();
@@ -746,7 +832,9 @@ impl Gateway {
                 "error",
             ));
         };
-        let who = self.authenticate(req.headers(), peer, Mode::Forward)?;
+        let who = self
+            .authenticate(req.headers(), peer, Mode::Forward)
+            .await?;
         ctx.set_who(&who);
         let fail = |e: super::model::ProxyError| {
             tracing::error!(error = %e, "proxy configuration read failed");
@@ -1161,7 +1249,7 @@ impl Gateway {
             .map(|a| a.as_str().to_owned())
             .unwrap_or_default();
         ctx.path = authority.clone();
-        let who = match self.authenticate(req.headers(), &peer, Mode::Forward) {
+        let who = match self.authenticate(req.headers(), &peer, Mode::Forward).await {
             Ok(w) => w,
             Err(r) => return self.connect_refused(&mut ctx, r).await,
         };
@@ -1277,7 +1365,11 @@ pub async fn serve_tcp(
             },
         };
         let _ = stream.set_nodelay(true);
-        tokio::spawn(serve_conn(gw.clone(), stream, Peer::Tcp(addr), mode));
+        let Ok(local) = stream.local_addr() else {
+            continue;
+        };
+        let peer = Peer::Tcp(Arc::new(TcpPeer::new(addr, local)));
+        tokio::spawn(serve_conn(gw.clone(), stream, peer, mode));
     }
 }
 
