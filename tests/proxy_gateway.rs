@@ -173,6 +173,11 @@ struct Env {
 }
 
 fn setup() -> Env {
+    setup_with("")
+}
+
+/// `setup` with extra lines for the `[proxy]` section.
+fn setup_with(proxy_extra: &str) -> Env {
     let p = pki();
     let up = start_upstream("127.0.0.1", &p);
     let up2 = start_upstream("127.0.0.2", &p);
@@ -190,6 +195,7 @@ forward_listen = "127.0.0.1:{fwd}"
 egress_allow = ["*"]
 egress_allow_addresses = ["127.0.0.2"]
 max_request_bytes = 4096
+{proxy_extra}
 "#
     );
     let d = TestDaemon::start_with(
@@ -1139,4 +1145,39 @@ fn loopback_tcp_callers_are_identified_by_uid() {
             .unwrap()
             .starts_with("127.0.0.1:")));
     assert_no_leak(&e, &[secret]);
+}
+
+/// `request_log_retention`: a background task deletes older entries.
+#[test]
+fn request_log_is_pruned_after_its_retention() {
+    let e = setup_with("request_log_retention = \"5s\"");
+    configure(&e, "RETAIN-cred-77aa");
+    let (_id, key) = issue(&e.d, "svc/a", None);
+    let bearer = format!("Authorization: Bearer {key}");
+    let entries = |proxy: &str| -> usize {
+        let out = ok(&e.d, &["proxy", "requests", proxy, "--json"], b"");
+        serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout)
+            .unwrap()
+            .len()
+    };
+    for path in ["vendor/v1/a", "vendor/v1/b", "vendor/v1/admin/x", "nope/x"] {
+        curl(&["-H", &bearer, &gw_url(&e, path)]);
+    }
+    assert_eq!(entries("vendor"), 3);
+    assert_eq!(entries("nope"), 1);
+    // Retention 5 s, pruned every 1 s: gone within a few seconds.
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    while entries("vendor") + entries("nope") > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "request log not pruned: {}",
+            e.d.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // New entries are kept until they are old in turn.
+    let r = curl(&["-H", &bearer, &gw_url(&e, "vendor/v1/c")]);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(entries("vendor"), 1);
+    assert!(e.d.log_text().contains("request log pruned"));
 }

@@ -11,6 +11,7 @@
 //! max_request_bytes = 10485760
 //! max_response_bytes = 104857600
 //! header_timeout_secs = 10              # client must send its headers within this
+//! request_log_retention = "30d"         # proxy_log entries older than this are pruned ("off": never)
 //! ```
 
 use std::net::SocketAddr;
@@ -36,6 +37,7 @@ pub struct RawProxyConfig {
     max_request_bytes: Option<u64>,
     max_response_bytes: Option<u64>,
     header_timeout_secs: Option<u64>,
+    request_log_retention: Option<String>,
 }
 
 /// The resolved `[proxy]` section.
@@ -49,7 +51,12 @@ pub struct ProxyConfig {
     pub max_request_bytes: u64,
     pub max_response_bytes: u64,
     pub header_timeout: Duration,
+    /// How long request-log entries are kept; `None`: forever.
+    pub request_log_retention: Option<Duration>,
 }
+
+/// Default `request_log_retention`: 30 days.
+pub const DEFAULT_LOG_RETENTION: Duration = Duration::from_secs(30 * 86_400);
 
 impl Default for ProxyConfig {
     fn default() -> Self {
@@ -62,6 +69,7 @@ impl Default for ProxyConfig {
             max_request_bytes: 10 * 1024 * 1024,
             max_response_bytes: 100 * 1024 * 1024,
             header_timeout: Duration::from_secs(10),
+            request_log_retention: Some(DEFAULT_LOG_RETENTION),
         }
     }
 }
@@ -130,6 +138,60 @@ impl ProxyConfig {
             }
             c.header_timeout = Duration::from_secs(n);
         }
+        if let Some(v) = raw.request_log_retention {
+            c.request_log_retention = if v == "off" {
+                None
+            } else {
+                let d = crate::apikeys::parse_duration(&v)
+                    .map_err(|e| format!("proxy.request_log_retention: {e}, or \"off\""))?;
+                if d.is_zero() {
+                    return Err(
+                        "proxy.request_log_retention must be at least 1s (or \"off\")".into(),
+                    );
+                }
+                Some(d)
+            };
+        }
         Ok(c)
+    }
+
+    /// How often the request log is pruned: a tenth of the retention,
+    /// between 1 s and 10 min (so entries outlive it by at most that).
+    pub fn log_prune_interval(&self) -> Option<Duration> {
+        self.request_log_retention
+            .map(|r| (r / 10).clamp(Duration::from_secs(1), Duration::from_secs(600)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(toml_text: &str) -> Result<ProxyConfig, String> {
+        let raw: RawProxyConfig = toml::from_str(toml_text).map_err(|e| e.to_string())?;
+        ProxyConfig::from_raw(raw, Path::new("/"))
+    }
+
+    #[test]
+    fn request_log_retention() {
+        let c = parse("").unwrap();
+        assert_eq!(c.request_log_retention, Some(DEFAULT_LOG_RETENTION));
+        assert_eq!(c.log_prune_interval(), Some(Duration::from_secs(600)));
+        let c = parse("request_log_retention = \"7d\"").unwrap();
+        assert_eq!(
+            c.request_log_retention,
+            Some(Duration::from_secs(7 * 86_400))
+        );
+        let c = parse("request_log_retention = \"2s\"").unwrap();
+        assert_eq!(c.log_prune_interval(), Some(Duration::from_secs(1)));
+        let c = parse("request_log_retention = \"off\"").unwrap();
+        assert_eq!(c.request_log_retention, None);
+        assert_eq!(c.log_prune_interval(), None);
+        for bad in ["\"0s\"", "\"30 days\"", "\"\"", "30"] {
+            assert!(
+                parse(&format!("request_log_retention = {bad}")).is_err(),
+                "{bad}"
+            );
+        }
     }
 }

@@ -1421,8 +1421,36 @@ pub async fn serve_unix(
     }
 }
 
-/// Binds and serves every configured listener; returns when `shutdown`
-/// fires. Errors name the listener that could not be bound.
+/// Deletes request-log entries older than `retention`, every `every`,
+/// until `shutdown` resolves.
+async fn prune_request_log(
+    store: Arc<ProxyStore>,
+    retention: Duration,
+    every: Duration,
+    shutdown: impl Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return,
+            _ = tick.tick() => {}
+        }
+        let cutoff = now_us().saturating_sub(retention.as_micros() as u64);
+        let s = store.clone();
+        match tokio::task::spawn_blocking(move || s.prune_log(cutoff)).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::info!(removed = n, "request log pruned"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "request log pruning failed"),
+            Err(_) => tracing::warn!("request log pruning task failed"),
+        }
+    }
+}
+
+/// Binds and serves every configured listener and starts the request-log
+/// pruner (`request_log_retention`); the tasks end when `shutdown` fires.
+/// Errors name the listener that could not be bound.
 pub async fn run(
     gw: Arc<Gateway>,
     shutdown: tokio::sync::watch::Receiver<bool>,
@@ -1453,6 +1481,14 @@ pub async fn run(
             gw.clone(),
             l,
             Mode::Forward,
+            wait(shutdown.clone()),
+        )));
+    }
+    if let Some(every) = cfg.log_prune_interval() {
+        tasks.push(tokio::spawn(prune_request_log(
+            gw.store.clone(),
+            cfg.request_log_retention.unwrap_or(every),
+            every,
             wait(shutdown.clone()),
         )));
     }
