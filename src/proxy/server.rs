@@ -341,8 +341,8 @@ struct Ctx {
     path: String,
     /// Who, for the audit event (refined once the caller is authenticated).
     actor: crate::audit::Actor,
-    /// The loopback TCP address of the peer, when not a Unix socket.
-    peer_addr: Option<SocketAddr>,
+    /// The TCP peer, when not a Unix socket.
+    tcp: Option<Arc<TcpPeer>>,
     mode: Mode,
     /// The decision event was written (or auditing is off): nothing more
     /// goes to the audit log for this request.
@@ -461,6 +461,15 @@ impl Gateway {
         let Some(audit) = &self.state.audit else {
             return Ok(());
         };
+        // A TCP caller refused before it was known (e.g. a bad key) is
+        // still attributed to the uid owning its socket when loopback.
+        if ctx.actor.uid.is_none() && ctx.actor.api_key_id.is_none() {
+            if let Some(t) = &ctx.tcp {
+                if let Some(id) = t.kernel_identity().await {
+                    ctx.actor = crate::audit::Actor::peer(&id);
+                }
+            }
+        }
         let connect = ctx.proxy == "connect";
         let op = if connect {
             "proxy.connect"
@@ -512,8 +521,8 @@ impl Gateway {
         if let Some(st) = status {
             ev = ev.detail("status", st.to_string());
         }
-        if let Some(a) = ctx.peer_addr {
-            ev = ev.detail("peer", a.to_string());
+        if let Some(t) = &ctx.tcp {
+            ev = ev.detail("peer", t.addr.to_string());
         }
         match audit.append(ev).await {
             Ok(_) => Ok(()),
@@ -734,9 +743,9 @@ impl Gateway {
                 Peer::Unix(id) => crate::audit::Actor::peer(id),
                 Peer::Tcp(_) => crate::audit::Actor::default(),
             },
-            peer_addr: match &peer {
+            tcp: match &peer {
                 Peer::Unix(_) => None,
-                Peer::Tcp(t) => Some(t.addr),
+                Peer::Tcp(t) => Some(t.clone()),
             },
             mode,
             audited: false,
