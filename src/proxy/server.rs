@@ -10,8 +10,9 @@
 //! proxy's plan) → `rules` ([`evaluate`]) → `upstream_request` (strip client
 //! credentials and hop-by-hop headers, inject the target credential) →
 //! `audit_decision` (the decision event is durable in the audit log, else
-//! 503; refusals are audited the same way) → send (pooled client, timeouts) → `response_filter` (hop-by-hop,
-//! `keyseal-decision`, `X-RateLimit-*`) → log (when the response body ends).
+//! 503; refusals are audited the same way) → send (pooled client,
+//! timeouts) → `response_filter` (hop-by-hop, `keyseal-decision`,
+//! `X-RateLimit-*`) → log (when the response body ends).
 //!
 //! Nothing here caches key validity: every request verifies its key, so a
 //! revocation applies to the next request. Each request takes the proxy's
