@@ -862,6 +862,11 @@ fn resolve_selector(m: RawMatch) -> Result<Selector, RuleProblem> {
     if m.group.as_deref().is_some_and(|g| g.trim().is_empty()) {
         return Err(bad("group", "is empty; write a group name or use `gid`"));
     }
+    if m.gid == Some(u32::MAX) {
+        // (gid_t)-1 is no process's gid; it stands for "gid unknown" (a
+        // loopback TCP proxy caller) and must never match.
+        return Err(bad("gid", "4294967295 is not a valid gid"));
+    }
     if let Some(u) = &m.unit {
         if !is_unit_name(u, &[".service", ".scope"]) {
             return Err(bad(
@@ -958,6 +963,13 @@ mod tests {
             assert_eq!(c.as_str().parse::<Capability>(), Ok(c));
             assert_eq!(c.to_string(), c.as_str());
         }
+    }
+
+    #[test]
+    fn gid_minus_one_is_refused() {
+        let text = "[[rule]]\nname = \"x\"\ncapabilities = [\"proxy:use\"]\nnames = [\"**\"]\n[rule.match]\ngid = 4294967295\n";
+        assert!(Policy::parse(text).is_err());
+        assert!(Policy::parse(&text.replace("4294967295", "1000")).is_ok());
     }
 
     #[test]

@@ -173,6 +173,11 @@ struct Env {
 }
 
 fn setup() -> Env {
+    setup_with("")
+}
+
+/// `setup` with extra lines for the `[proxy]` section.
+fn setup_with(proxy_extra: &str) -> Env {
     let p = pki();
     let up = start_upstream("127.0.0.1", &p);
     let up2 = start_upstream("127.0.0.2", &p);
@@ -190,6 +195,7 @@ forward_listen = "127.0.0.1:{fwd}"
 egress_allow = ["*"]
 egress_allow_addresses = ["127.0.0.2"]
 max_request_bytes = 4096
+{proxy_extra}
 "#
     );
     let d = TestDaemon::start_with(
@@ -478,16 +484,15 @@ fn gateway_injects_strips_and_decides() {
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["headers"]["x-api-key"], secret);
 
-    // 401: no key on TCP, a bad key, a key of another owner is 403.
-    let r = curl(&[&gw_url(&e, "vendor/v1/items")]);
-    assert_eq!(r.status, 401);
-    assert!(r.json()["error"].is_string());
+    // 401: a bad key; a key of another owner is 403.
     let r = curl(&[
         "-H",
         "Authorization: Bearer ks_live_nope",
         &gw_url(&e, "vendor/v1/items"),
     ]);
     assert_eq!(r.status, 401);
+    assert!(r.json()["error"].is_string());
+    assert!(r.header("www-authenticate").is_some());
     let r = curl(&[
         "-H",
         &format!("Authorization: Bearer {other_key}"),
@@ -832,12 +837,10 @@ fn forward_proxy_and_connect_guards() {
     assert_eq!(j["headers"]["x-api-key"], secret);
     assert!(j["headers"].get("proxy-authorization").is_none());
     assert_eq!(j["query"], "q=2");
-    // 407 without or with a bad Proxy-Authorization.
-    let r = curl(&["-x", &fwd, &target]);
-    assert_eq!(r.status, 407);
-    assert!(r.header("proxy-authenticate").is_some());
+    // 407 with a bad Proxy-Authorization.
     let r = curl(&["-x", &fwd, "-U", "svc:ks_live_bad", &target]);
     assert_eq!(r.status, 407);
+    assert!(r.header("proxy-authenticate").is_some());
     // A host with no target is refused (not an open proxy).
     let r = curl(&[
         "-x",
@@ -889,4 +892,292 @@ fn forward_proxy_and_connect_guards() {
     let log = e.d.log_text();
     assert!(log.contains("CONNECT refused"));
     assert_no_leak(&e, &[secret, &key]);
+}
+
+/// Every audit event (as `keyseal audit query --json` prints them).
+fn audit_events(d: &TestDaemon, op: &str) -> Vec<serde_json::Value> {
+    let out = ok(
+        d,
+        &["audit", "query", "--op", op, "--limit", "1000", "--json"],
+        b"",
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn audit_text(d: &TestDaemon) -> String {
+    let out = ok(d, &["audit", "query", "--limit", "1000", "--json"], b"");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Allowed, denied and unauthenticated requests and CONNECTs each leave
+/// one decision event in the hardware-signed audit log, with the key id
+/// (never the key) and only the HMAC of the path; admin changes are there too.
+#[test]
+fn proxy_decisions_are_audited() {
+    let e = setup();
+    let secret = "AUDIT-cred-a11ce";
+    configure(&e, secret);
+    let (id, key) = issue(&e.d, "svc/a", None);
+    let bearer = format!("Authorization: Bearer {key}");
+
+    let r = curl(&["-H", &bearer, &gw_url(&e, "vendor/v1/items/user-4242")]);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = curl(&["-H", &bearer, &gw_url(&e, "vendor/v1/admin/users")]);
+    assert_eq!(r.status, 403);
+    let r = curl(&[
+        "-H",
+        "Authorization: Bearer ks_live_nope",
+        &gw_url(&e, "vendor/v1/items"),
+    ]);
+    assert_eq!(r.status, 401);
+    let r = curl(&[
+        "--unix-socket",
+        e.gw_sock.to_str().unwrap(),
+        "http://localhost/p/vendor/v1/items",
+    ]);
+    assert_eq!(r.status, 200, "{}", r.body);
+    // Forward proxy without a key, and CONNECTs allowed and refused.
+    let fwd = format!("http://127.0.0.1:{}", e.fwd);
+    let target = format!("http://localhost:{}/v1/items", e.up.addr.port());
+    assert_eq!(
+        curl(&["-x", &fwd, "-U", "svc:ks_live_bad", &target]).status,
+        407
+    );
+    let tunnel = format!("127.0.0.2:{}", e.up2_addr.port());
+    let r = curl(&[
+        "-x",
+        &fwd,
+        "-U",
+        &format!("svc:{key}"),
+        "--cacert",
+        e.ca.to_str().unwrap(),
+        &format!("https://{tunnel}/t"),
+    ]);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(raw_connect(e.fwd, "10.0.0.1:443", &key), 403);
+
+    let reqs = audit_events(&e.d, "proxy.request");
+    let hash = |v: &str| {
+        let out = ok(&e.d, &["audit", "hash"], v.as_bytes());
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    };
+    let path_hmac = hash("/v1/items/user-4242");
+    assert!(path_hmac.starts_with("hmac-sha256:"), "{path_hmac}");
+    let find = |pred: &dyn Fn(&serde_json::Value) -> bool, what: &str| {
+        let hits: Vec<_> = reqs.iter().filter(|e| pred(e)).collect();
+        assert_eq!(hits.len(), 1, "{what}: {reqs:#?}");
+        hits[0].clone()
+    };
+    // Allowed, by key: the key id, the rule, the path's HMAC.
+    let ev = find(
+        &|e| e["detail"]["path_hmac"] == path_hmac.as_str(),
+        "allowed",
+    );
+    assert_eq!(ev["target"], "vendor");
+    assert_eq!(ev["result"], "ok");
+    assert!(ev.get("code").is_none());
+    assert_eq!(ev["actor"]["kind"], "api_key");
+    assert_eq!(ev["actor"]["api_key_id"], id.as_str());
+    assert_eq!(ev["detail"]["decision"], "allow");
+    assert_eq!(ev["detail"]["rule"], "allow-v1");
+    assert_eq!(ev["detail"]["method"], "GET");
+    assert_eq!(ev["detail"]["listener"], "gateway");
+    // Denied by a rule.
+    let ev = find(&|e| e["detail"]["rule"] == "deny-admin", "denied");
+    assert_eq!(ev["result"], "denied");
+    assert_eq!(ev["code"], "PERMISSION_DENIED");
+    assert_eq!(ev["detail"]["status"], "403");
+    assert_eq!(ev["detail"]["decision"], "deny");
+    assert_eq!(ev["actor"]["api_key_id"], id.as_str());
+    assert_eq!(ev["detail"]["path_hmac"], hash("/v1/admin/users").as_str());
+    // Unauthenticated on the gateway (bad key) and on the forward proxy.
+    let ev = find(
+        &|e| e["detail"]["decision"] == "unauthenticated" && e["detail"]["listener"] == "gateway",
+        "unauthenticated",
+    );
+    assert_eq!(ev["result"], "denied");
+    assert_eq!(ev["code"], "UNAUTHENTICATED");
+    assert_eq!(ev["detail"]["status"], "401");
+    assert!(ev["actor"].get("api_key_id").is_none());
+    assert!(ev["detail"]["peer"]
+        .as_str()
+        .unwrap()
+        .starts_with("127.0.0.1:"));
+    let ev = find(
+        &|e| e["detail"]["decision"] == "unauthenticated" && e["detail"]["listener"] == "forward",
+        "forward unauthenticated",
+    );
+    assert_eq!(ev["detail"]["status"], "407");
+    // The Unix-socket caller is its kernel identity.
+    let ev = find(
+        &|e| e["actor"]["kind"] == "peer" && e["result"] == "ok",
+        "unix",
+    );
+    assert_eq!(ev["actor"]["uid"], 0);
+    assert!(ev["actor"]["pid"].as_u64().is_some());
+
+    // CONNECT decisions.
+    let conns = audit_events(&e.d, "proxy.connect");
+    assert_eq!(conns.len(), 2, "{conns:#?}");
+    let ok_ev = conns.iter().find(|c| c["result"] == "ok").unwrap();
+    assert_eq!(ok_ev["target"], "connect");
+    assert_eq!(ok_ev["detail"]["host"], tunnel.as_str());
+    assert_eq!(ok_ev["actor"]["api_key_id"], id.as_str());
+    let no = conns.iter().find(|c| c["result"] == "denied").unwrap();
+    assert_eq!(no["code"], "PERMISSION_DENIED");
+    assert_eq!(no["detail"]["host"], "10.0.0.1:443");
+
+    // Admin changes over gRPC are audited by the service wrapper.
+    for (op, target) in [
+        ("proxy.target.put", "vendor"),
+        ("proxy.credential.put", "vendor-key"),
+        ("proxy.put", "vendor"),
+    ] {
+        let evs = audit_events(&e.d, op);
+        assert!(
+            evs.iter()
+                .any(|e| e["target"] == target && e["result"] == "ok" && e["actor"]["uid"] == 0),
+            "{op} {target}: {evs:#?}"
+        );
+    }
+    assert!(audit_events(&e.d, "proxy.rule.put")
+        .iter()
+        .any(|e| e["result"] == "ok"));
+
+    // No key, credential or raw path in the whole log.
+    let all = audit_text(&e.d);
+    for s in [key.as_str(), secret, "user-4242", "ks_live_nope"] {
+        assert!(!all.contains(s), "the audit log holds {s:?}");
+    }
+    assert_no_leak(&e, &[secret, &key]);
+}
+
+/// `curl` run as another uid (no header file: it could not write ours).
+fn curl_as(uid: u32, args: &[&str]) -> (u16, String) {
+    let out = Command::new("setpriv")
+        .arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={uid}"))
+        .arg("--clear-groups")
+        .args(["curl", "-sS", "--max-time", "15", "-w", "\n%{http_code}"])
+        .args(args)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (
+        code.trim().parse().unwrap_or(0),
+        format!("{body}{}", String::from_utf8_lossy(&out.stderr)),
+    )
+}
+
+/// Loopback TCP callers without a key are identified by the uid owning
+/// their socket (netlink sock_diag) and authorised like Unix-socket peers:
+/// root is admitted while the proxy's callers include uid=0, nobody is not;
+/// repointing the callers at user=nobody turns both around.
+#[test]
+fn loopback_tcp_callers_are_identified_by_uid() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root to run curl as another uid");
+        return;
+    }
+    let e = setup();
+    let secret = "TCP-uid-cred-5e1f";
+    configure(&e, secret);
+    let url = gw_url(&e, "vendor/v1/items");
+
+    // root (the test), no key, over 127.0.0.1: callers has uid=0.
+    let r = curl(&[&url]);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["headers"]["x-api-key"], secret);
+    // The forward proxy maps the same way.
+    let fwd = format!("http://127.0.0.1:{}", e.fwd);
+    let target = format!("http://localhost:{}/v1/items", e.up.addr.port());
+    let r = curl(&["-x", &fwd, &target]);
+    assert_eq!(r.status, 200, "{}", r.body);
+    // nobody (65534) is identified too, and is not a caller.
+    let (status, body) = curl_as(65534, &[&url]);
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("may not use this proxy"), "{body}");
+    let (status, _) = curl_as(65534, &["-x", &fwd, &target]);
+    assert_eq!(status, 403);
+
+    // Callers: user=nobody only (root has no proxy:use in the policy).
+    ok(
+        &e.d,
+        &[
+            "proxy",
+            "put",
+            "vendor",
+            "--target",
+            "vendor",
+            "--credential",
+            "vendor-key",
+            "--caller",
+            "user=nobody",
+        ],
+        b"",
+    );
+    let (status, body) = curl_as(65534, &[&url]);
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(secret));
+    let r = curl(&[&url]);
+    assert_eq!(r.status, 403, "{}", r.body);
+
+    // The request log and the audit log name the uid, never a guess.
+    let out = ok(&e.d, &["proxy", "requests", "vendor", "--json"], b"");
+    let log: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(log
+        .iter()
+        .any(|l| l["caller"] == "uid=65534(nobody) tcp" && l["decision"] == "allow"));
+    assert!(log
+        .iter()
+        .any(|l| l["caller"] == "uid=0(root) tcp" && l["decision"] == "deny"));
+    let evs = audit_events(&e.d, "proxy.request");
+    assert!(evs.iter().any(|v| v["actor"]["uid"] == 65534
+        && v["actor"]["user"] == "nobody"
+        && v["result"] == "ok"
+        && v["detail"]["peer"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1:")));
+    assert_no_leak(&e, &[secret]);
+}
+
+/// `request_log_retention`: a background task deletes older entries.
+#[test]
+fn request_log_is_pruned_after_its_retention() {
+    let e = setup_with("request_log_retention = \"5s\"");
+    configure(&e, "RETAIN-cred-77aa");
+    let (_id, key) = issue(&e.d, "svc/a", None);
+    let bearer = format!("Authorization: Bearer {key}");
+    let entries = |proxy: &str| -> usize {
+        let out = ok(&e.d, &["proxy", "requests", proxy, "--json"], b"");
+        serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout)
+            .unwrap()
+            .len()
+    };
+    for path in ["vendor/v1/a", "vendor/v1/b", "vendor/v1/admin/x", "nope/x"] {
+        curl(&["-H", &bearer, &gw_url(&e, path)]);
+    }
+    assert_eq!(entries("vendor"), 3);
+    assert_eq!(entries("nope"), 1);
+    // Retention 5 s, pruned every 1 s: gone within a few seconds.
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    while entries("vendor") + entries("nope") > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "request log not pruned: {}",
+            e.d.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // New entries are kept until they are old in turn.
+    let r = curl(&["-H", &bearer, &gw_url(&e, "vendor/v1/c")]);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(entries("vendor"), 1);
+    assert!(e.d.log_text().contains("request log pruned"));
 }

@@ -11,6 +11,7 @@
 //! max_request_bytes = 10485760
 //! max_response_bytes = 104857600
 //! header_timeout_secs = 10              # client must send its headers within this
+//! request_log_retention = "30d"         # proxy_log entries older than this are pruned ("off": never)
 //! ```
 
 use std::net::SocketAddr;
@@ -37,6 +38,7 @@ pub struct RawProxyConfig {
     max_response_bytes: Option<u64>,
     header_timeout_secs: Option<u64>,
     anomaly: Option<super::telemetry::RawAnomalyConfig>,
+    request_log_retention: Option<String>,
 }
 
 /// The resolved `[proxy]` section.
@@ -52,7 +54,12 @@ pub struct ProxyConfig {
     pub header_timeout: Duration,
     /// `[proxy.anomaly]`: telemetry and anomaly thresholds.
     pub anomaly: super::telemetry::AnomalyConfig,
+    /// How long request-log entries are kept; `None`: forever.
+    pub request_log_retention: Option<Duration>,
 }
+
+/// Default `request_log_retention`: 30 days.
+pub const DEFAULT_LOG_RETENTION: Duration = Duration::from_secs(30 * 86_400);
 
 impl Default for ProxyConfig {
     fn default() -> Self {
@@ -66,6 +73,7 @@ impl Default for ProxyConfig {
             max_response_bytes: 100 * 1024 * 1024,
             header_timeout: Duration::from_secs(10),
             anomaly: super::telemetry::AnomalyConfig::default(),
+            request_log_retention: Some(DEFAULT_LOG_RETENTION),
         }
     }
 }
@@ -137,6 +145,60 @@ impl ProxyConfig {
         if let Some(a) = raw.anomaly {
             c.anomaly = super::telemetry::AnomalyConfig::from_raw(a)?;
         }
+        if let Some(v) = raw.request_log_retention {
+            c.request_log_retention = if v == "off" {
+                None
+            } else {
+                let d = crate::apikeys::parse_duration(&v)
+                    .map_err(|e| format!("proxy.request_log_retention: {e}, or \"off\""))?;
+                if d.is_zero() {
+                    return Err(
+                        "proxy.request_log_retention must be at least 1s (or \"off\")".into(),
+                    );
+                }
+                Some(d)
+            };
+        }
         Ok(c)
+    }
+
+    /// How often the request log is pruned: a tenth of the retention,
+    /// between 1 s and 10 min (so entries outlive it by at most that).
+    pub fn log_prune_interval(&self) -> Option<Duration> {
+        self.request_log_retention
+            .map(|r| (r / 10).clamp(Duration::from_secs(1), Duration::from_secs(600)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(toml_text: &str) -> Result<ProxyConfig, String> {
+        let raw: RawProxyConfig = toml::from_str(toml_text).map_err(|e| e.to_string())?;
+        ProxyConfig::from_raw(raw, Path::new("/"))
+    }
+
+    #[test]
+    fn request_log_retention() {
+        let c = parse("").unwrap();
+        assert_eq!(c.request_log_retention, Some(DEFAULT_LOG_RETENTION));
+        assert_eq!(c.log_prune_interval(), Some(Duration::from_secs(600)));
+        let c = parse("request_log_retention = \"7d\"").unwrap();
+        assert_eq!(
+            c.request_log_retention,
+            Some(Duration::from_secs(7 * 86_400))
+        );
+        let c = parse("request_log_retention = \"2s\"").unwrap();
+        assert_eq!(c.log_prune_interval(), Some(Duration::from_secs(1)));
+        let c = parse("request_log_retention = \"off\"").unwrap();
+        assert_eq!(c.request_log_retention, None);
+        assert_eq!(c.log_prune_interval(), None);
+        for bad in ["\"0s\"", "\"30 days\"", "\"\"", "30"] {
+            assert!(
+                parse(&format!("request_log_retention = {bad}")).is_err(),
+                "{bad}"
+            );
+        }
     }
 }

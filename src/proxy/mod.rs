@@ -8,6 +8,8 @@
 //!   request log.
 //! - [`server`]: the hyper listeners (gateway on loopback TCP and a Unix
 //!   socket, forward proxy with CONNECT), as pingora-style phases.
+//! - [`sockdiag`]: the uid owning a loopback TCP peer's socket (netlink
+//!   `sock_diag`), so key-less loopback callers are known by the kernel.
 //! - [`ssrf`]: egress allow-list and internal-address guards for tunnels.
 //! - [`upstream`]: pooled TLS clients per target.
 //! - [`telemetry`]: per-minute/hour/day buckets, anomaly flags and caller
@@ -17,6 +19,7 @@
 pub mod config;
 pub mod model;
 pub mod server;
+pub mod sockdiag;
 pub mod ssrf;
 pub mod store;
 pub mod telemetry;

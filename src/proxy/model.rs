@@ -320,7 +320,14 @@ impl CallerSelector {
             };
             match k {
                 "uid" => c.uid = Some(num(v)?),
-                "gid" => c.gid = Some(num(v)?),
+                // (gid_t)-1 stands for "gid unknown" (loopback TCP callers).
+                "gid" => {
+                    let g = num(v)?;
+                    if g == u32::MAX {
+                        return Err(invalid(format!("gid={v}: not a valid gid")));
+                    }
+                    c.gid = Some(g);
+                }
                 "user" => c.user = Some(v.to_owned()),
                 "group" => c.group = Some(v.to_owned()),
                 "unit" => c.unit = Some(v.to_owned()),
@@ -761,6 +768,19 @@ pub type Labels = BTreeMap<String, String>;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gid_minus_one_is_not_a_selector() {
+        // It stands for "gid unknown" on loopback TCP callers.
+        assert!(CallerSelector::parse("gid=4294967295").is_err());
+        let mut tcp = PeerIdentity::new(0, u32::MAX);
+        tcp.user = Some("root".into());
+        assert!(CallerSelector::parse("gid=0")
+            .unwrap()
+            .matches(&PeerIdentity::new(0, 0)));
+        assert!(!CallerSelector::parse("gid=0").unwrap().matches(&tcp));
+        assert!(CallerSelector::parse("user=root").unwrap().matches(&tcp));
+    }
 
     fn rule(id: &str, prio: u32, effect: Effect, methods: &[&str], path: &str) -> CompiledRule {
         CompiledRule::new(Rule {

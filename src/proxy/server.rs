@@ -4,12 +4,15 @@
 //! tunnels to allow-listed hosts).
 //!
 //! A request goes through phases, each a small function (pingora's
-//! `ProxyHttp` shape): `authenticate` (proxy key or kernel identity) →
+//! `ProxyHttp` shape): `authenticate` (proxy key, or the kernel identity of
+//! a Unix-socket peer or of a loopback TCP peer via [`super::sockdiag`]) →
 //! `authorize` (the proxy's callers) → `rate_limit` (the key's plan and the
 //! proxy's plan) → `rules` ([`evaluate`]) → `upstream_request` (strip client
 //! credentials and hop-by-hop headers, inject the target credential) →
-//! send (pooled client, timeouts) → `response_filter` (hop-by-hop,
-//! `keyseal-decision`, `X-RateLimit-*`) → log (when the response body ends).
+//! `audit_decision` (the decision event is durable in the audit log, else
+//! 503; refusals are audited the same way) → send (pooled client,
+//! timeouts) → `response_filter` (hop-by-hop, `keyseal-decision`,
+//! `X-RateLimit-*`) → log (when the response body ends).
 //!
 //! Nothing here caches key validity: every request verifies its key, so a
 //! revocation applies to the next request. Each request takes the proxy's
@@ -64,7 +67,71 @@ pub enum Mode {
 #[derive(Debug, Clone)]
 pub enum Peer {
     Unix(Arc<PeerIdentity>),
-    Tcp(SocketAddr),
+    Tcp(Arc<TcpPeer>),
+}
+
+/// A TCP connection: its two addresses and, once asked for, the owner of
+/// the peer's socket (loopback only, via `sock_diag`), kept for the
+/// connection's life.
+#[derive(Debug)]
+pub struct TcpPeer {
+    pub addr: SocketAddr,
+    pub local: SocketAddr,
+    owner: tokio::sync::OnceCell<Option<Arc<PeerIdentity>>>,
+}
+
+impl TcpPeer {
+    pub fn new(addr: SocketAddr, local: SocketAddr) -> TcpPeer {
+        TcpPeer {
+            addr,
+            local,
+            owner: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    /// The kernel identity of a loopback peer: the uid owning its socket
+    /// (exact 4-tuple lookup with netlink `sock_diag`) and that uid's user
+    /// name. The gid is unknown (`u32::MAX`: `gid=`/`group=` selectors never
+    /// match), as are pid, exe and unit. `None` for non-loopback peers and
+    /// when the socket is not found live.
+    async fn kernel_identity(&self) -> Option<Arc<PeerIdentity>> {
+        let (addr, local) = (self.addr, self.local);
+        let loopback = |ip: std::net::IpAddr| match ip {
+            std::net::IpAddr::V6(v6) => v6
+                .to_ipv4_mapped()
+                .map_or(v6.is_loopback(), |v4| v4.is_loopback()),
+            v4 => v4.is_loopback(),
+        };
+        if !loopback(addr.ip()) || !loopback(local.ip()) {
+            return None;
+        }
+        self.owner
+            .get_or_init(|| async move {
+                let r = tokio::task::spawn_blocking(move || {
+                    let o = super::sockdiag::tcp_owner(addr, local)?;
+                    let mut id = PeerIdentity::new(o.uid, u32::MAX);
+                    id.user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(o.uid))
+                        .ok()
+                        .flatten()
+                        .map(|u| u.name);
+                    Ok::<_, super::sockdiag::SockDiagError>((id, o.inode))
+                })
+                .await;
+                match r {
+                    Ok(Ok((id, inode))) => {
+                        tracing::debug!(peer = %addr, uid = id.uid, inode, "loopback TCP peer identified");
+                        Some(Arc::new(id))
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(peer = %addr, error = %e, "cannot identify the loopback TCP peer");
+                        None
+                    }
+                    Err(_) => None,
+                }
+            })
+            .await
+            .clone()
+    }
 }
 
 /// An authenticated caller.
@@ -75,21 +142,27 @@ enum Who {
         owner: String,
         rate: Option<RateDecision>,
     },
-    Kernel(Arc<PeerIdentity>),
+    /// Known by the kernel: a Unix-socket peer, or (`tcp`) the owner of a
+    /// loopback TCP peer's socket.
+    Kernel { id: Arc<PeerIdentity>, tcp: bool },
 }
 
 impl Who {
     fn label(&self) -> String {
         match self {
             Who::Key { id, .. } => format!("key:{id}"),
-            Who::Kernel(p) => p.display_short(),
+            Who::Kernel { id, tcp: false } => id.display_short(),
+            Who::Kernel { id, tcp: true } => match &id.user {
+                Some(u) => format!("uid={}({}) tcp", id.uid, u),
+                None => format!("uid={} tcp", id.uid),
+            },
         }
     }
 
     fn rate_key(&self) -> String {
         match self {
             Who::Key { id, .. } => format!("key:{id}"),
-            Who::Kernel(p) => format!("uid:{}", p.uid),
+            Who::Kernel { id, .. } => format!("uid:{}", id.uid),
         }
     }
 }
@@ -279,6 +352,65 @@ struct Ctx {
     caller: String,
     method: String,
     path: String,
+    /// Who, for the audit event (refined once the caller is authenticated).
+    actor: crate::audit::Actor,
+    /// The TCP peer, when not a Unix socket.
+    tcp: Option<Arc<TcpPeer>>,
+    mode: Mode,
+    /// The decision event was written (or auditing is off): nothing more
+    /// goes to the audit log for this request.
+    audited: bool,
+}
+
+impl Ctx {
+    fn set_who(&mut self, who: &Who) {
+        self.caller = who.label();
+        self.actor = match who {
+            Who::Key { id, .. } => crate::audit::Actor::api_key(id.clone()),
+            Who::Kernel { id, .. } => crate::audit::Actor::peer(id),
+        };
+    }
+}
+
+/// The audit `code` of a refusal (gRPC code names, as for gRPC requests).
+fn audit_code(decision: &str, status: u16) -> (crate::audit::Outcome, Option<&'static str>) {
+    use crate::audit::Outcome;
+    match decision {
+        "allow" => (Outcome::Ok, None),
+        "deny" => (Outcome::Denied, Some("PERMISSION_DENIED")),
+        "unauthenticated" => (Outcome::Denied, Some("UNAUTHENTICATED")),
+        "rate_limited" => (Outcome::Denied, Some("RESOURCE_EXHAUSTED")),
+        _ => (
+            Outcome::Error,
+            Some(match status {
+                400 | 413 => "INVALID_ARGUMENT",
+                404 => "NOT_FOUND",
+                405 => "UNIMPLEMENTED",
+                429 => "RESOURCE_EXHAUSTED",
+                502 | 503 => "UNAVAILABLE",
+                504 => "DEADLINE_EXCEEDED",
+                _ => "INTERNAL",
+            }),
+        ),
+    }
+}
+
+/// A method worth recording verbatim: a short HTTP token. Anything else is
+/// recorded as its audit HMAC.
+fn plain_token(s: &str, max: usize) -> bool {
+    !s.is_empty()
+        && s.len() <= max
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:[]".contains(&b))
+}
+
+/// The 503 answered when the decision cannot be audited.
+fn unaudited() -> Refusal {
+    Refusal::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the audit log could not record this request; nothing is forwarded unaudited",
+        "error",
+    )
 }
 
 impl Gateway {
@@ -322,6 +454,113 @@ impl Gateway {
             latency_us = e.latency_us, "proxied request"
         );
         self.store.log(&e);
+    }
+
+    /// Writes the decision about this request to the audit log and waits
+    /// until it is durable, before anything is forwarded (fail closed: an
+    /// `Err` is the 503 to answer instead). One event per request; a no-op
+    /// once written or when auditing is off (`audit.unsafe_disable`).
+    ///
+    /// The path can carry identifiers, so only its audit HMAC is recorded
+    /// (`path_hmac`; `keyseal audit hash`); a CONNECT records its
+    /// `host:port`. The target is the proxy name (`connect` for tunnels),
+    /// the actor the key id or kernel identity, never a key.
+    async fn audit_decision(
+        &self,
+        ctx: &mut Ctx,
+        decision: &str,
+        status: Option<u16>,
+        rule: Option<&str>,
+    ) -> Result<(), Refusal> {
+        if ctx.audited {
+            return Ok(());
+        }
+        ctx.audited = true;
+        let Some(audit) = &self.state.audit else {
+            return Ok(());
+        };
+        // A TCP caller refused before it was known (e.g. a bad key) is
+        // still attributed to the uid owning its socket when loopback.
+        if ctx.actor.uid.is_none() && ctx.actor.api_key_id.is_none() {
+            if let Some(t) = &ctx.tcp {
+                if let Some(id) = t.kernel_identity().await {
+                    ctx.actor = crate::audit::Actor::peer(&id);
+                }
+            }
+        }
+        let connect = ctx.proxy == "connect";
+        let op = if connect {
+            "proxy.connect"
+        } else {
+            "proxy.request"
+        };
+        let (outcome, code) = audit_code(decision, status.unwrap_or(0));
+        let mut ev = crate::audit::NewEvent::new(ctx.time_us / 1000, ctx.actor.clone(), op)
+            .outcome(outcome, code)
+            .detail("decision", decision)
+            .detail(
+                "listener",
+                match ctx.mode {
+                    Mode::Gateway => "gateway",
+                    Mode::Forward => "forward",
+                },
+            );
+        if ctx.proxy != "-" {
+            ev = ev.target(if super::model::check_name("proxy", &ctx.proxy).is_ok() {
+                ctx.proxy.clone()
+            } else {
+                audit.hash(ctx.proxy.as_bytes())
+            });
+        }
+        ev = ev.detail(
+            "method",
+            if plain_token(&ctx.method, 32) {
+                ctx.method.clone()
+            } else {
+                audit.hash(ctx.method.as_bytes())
+            },
+        );
+        if connect {
+            // A CONNECT's "path" is host:port: recorded as is when it is one.
+            ev = ev.detail(
+                "host",
+                if plain_token(&ctx.path, 260) {
+                    ctx.path.clone()
+                } else {
+                    audit.hash(ctx.path.as_bytes())
+                },
+            );
+        } else if !ctx.path.is_empty() {
+            ev = ev.detail("path_hmac", audit.hash(ctx.path.as_bytes()));
+        }
+        if let Some(r) = rule {
+            ev = ev.detail("rule", r);
+        }
+        if let Some(st) = status {
+            ev = ev.detail("status", st.to_string());
+        }
+        if let Some(t) = &ctx.tcp {
+            ev = ev.detail("peer", t.addr.to_string());
+        }
+        match audit.append(ev).await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                tracing::error!(error = %e, proxy = %ctx.proxy, "audit append failed; refusing the proxied request");
+                Err(unaudited())
+            }
+        }
+    }
+
+    /// Audits a refusal; answers 503 instead when it cannot be audited.
+    async fn audit_refusal(&self, ctx: &mut Ctx, r: Refusal) -> Refusal {
+        let status = r.resp.status().as_u16();
+        match self
+            .audit_decision(ctx, r.decision, Some(status), r.rule.as_deref())
+            .await
+        {
+            Ok(()) => r,
+            Err(u) => u,
+        }
     }
 
     // ---- phases -----------------------------------------------------------
@@ -375,13 +614,25 @@ impl Gateway {
     }
 
     /// Phase 1: who is calling. A presented key is verified now (no
-    /// caching), else the kernel identity of a Unix-socket peer is used.
-    fn authenticate(&self, headers: &HeaderMap, peer: &Peer, mode: Mode) -> Result<Who, Refusal> {
+    /// caching), else the kernel identity of a Unix-socket peer or of a
+    /// loopback TCP peer (`sock_diag`) is used.
+    async fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        peer: &Peer,
+        mode: Mode,
+    ) -> Result<Who, Refusal> {
         let key = Self::presented_key(headers, mode);
         let Some(key) = key else {
             return match peer {
-                Peer::Unix(id) => Ok(Who::Kernel(id.clone())),
-                Peer::Tcp(_) => Err(Self::unauthenticated(mode, "missing proxy key")),
+                Peer::Unix(id) => Ok(Who::Kernel {
+                    id: id.clone(),
+                    tcp: false,
+                }),
+                Peer::Tcp(t) => match t.kernel_identity().await {
+                    Some(id) => Ok(Who::Kernel { id, tcp: true }),
+                    None => Err(Self::unauthenticated(mode, "missing proxy key")),
+                },
             };
         };
         let (caller, source) = match peer {
@@ -393,13 +644,13 @@ impl Gateway {
                 },
                 None,
             ),
-            Peer::Tcp(a) => (
+            Peer::Tcp(t) => (
                 VerifyCaller {
                     uid: u32::MAX,
                     unit: None,
-                    actor: format!("tcp:{a}"),
+                    actor: format!("tcp:{}", t.addr),
                 },
-                Some(a.ip()),
+                Some(t.addr.ip()),
             ),
         };
         let now = crate::apikeys::now();
@@ -452,7 +703,7 @@ impl Gateway {
         let p = &snap.proxy;
         match who {
             Who::Key { id, owner, .. } => p.key_ids.contains(id) || p.key_owners.contains(owner),
-            Who::Kernel(id) => {
+            Who::Kernel { id, .. } => {
                 p.callers.iter().any(|s| s.matches(id))
                     || self
                         .state
@@ -506,13 +757,25 @@ impl Gateway {
             caller: "-".into(),
             method: req.method().as_str().to_owned(),
             path: req.uri().path().to_owned(),
+            actor: match &peer {
+                Peer::Unix(id) => crate::audit::Actor::peer(id),
+                Peer::Tcp(_) => crate::audit::Actor::default(),
+            },
+            tcp: match &peer {
+                Peer::Unix(_) => None,
+                Peer::Tcp(t) => Some(t.clone()),
+            },
+            mode,
+            audited: false,
         };
         if req.method() == Method::CONNECT {
             if mode != Mode::Forward {
-                return error(
+                let r = Refusal::new(
                     StatusCode::METHOD_NOT_ALLOWED,
                     "CONNECT is served on the forward proxy listener",
+                    "error",
                 );
+                return *self.audit_refusal(&mut ctx, r).await.resp;
             }
             return self.connect(req, peer, ctx).await;
         }
@@ -523,6 +786,7 @@ impl Gateway {
         match res {
             Ok(r) => r,
             Err(refusal) => {
+                let refusal = self.audit_refusal(&mut ctx, refusal).await;
                 self.log(
                     &ctx,
                     refusal.resp.status().as_u16(),
@@ -555,8 +819,10 @@ impl Gateway {
         };
         ctx.proxy = name.to_owned();
         ctx.path = rest.to_owned();
-        let who = self.authenticate(req.headers(), peer, Mode::Gateway)?;
-        ctx.caller = who.label();
+        let who = self
+            .authenticate(req.headers(), peer, Mode::Gateway)
+            .await?;
+        ctx.set_who(&who);
         let snap = self.snapshot(name)?;
         let rest = rest.to_owned();
         self.proxied(req, who, snap, rest, Mode::Gateway, ctx).await
@@ -593,8 +859,10 @@ impl Gateway {
                 "error",
             ));
         };
-        let who = self.authenticate(req.headers(), peer, Mode::Forward)?;
-        ctx.caller = who.label();
+        let who = self
+            .authenticate(req.headers(), peer, Mode::Forward)
+            .await?;
+        ctx.set_who(&who);
         let fail = |e: super::model::ProxyError| {
             tracing::error!(error = %e, "proxy configuration read failed");
             Refusal::new(
@@ -887,6 +1155,10 @@ impl Gateway {
         *up.headers_mut() = headers_out;
         drop(secret);
 
+        // The decision is durable in the audit log before anything leaves.
+        self.audit_decision(ctx, "allow", None, explain.rule.as_deref())
+            .await?;
+
         // Send.
         let client = self.clients.get(&snap.target).map_err(|e| {
             tracing::error!(target = %snap.target.name, error = %e, "upstream client");
@@ -1011,20 +1283,17 @@ impl Gateway {
             .map(|a| a.as_str().to_owned())
             .unwrap_or_default();
         ctx.path = authority.clone();
-        let who = match self.authenticate(req.headers(), &peer, Mode::Forward) {
+        let who = match self.authenticate(req.headers(), &peer, Mode::Forward).await {
             Ok(w) => w,
-            Err(r) => {
-                self.log(&ctx, r.resp.status().as_u16(), r.decision, None, (0, 0));
-                return *r.resp;
-            }
+            Err(r) => return self.connect_refused(&mut ctx, r).await,
         };
-        ctx.caller = who.label();
+        ctx.set_who(&who);
         let addrs = match self.cfg.egress.resolve(&authority).await {
             Ok(a) => a,
             Err(e) => {
                 tracing::warn!(target = %authority, reason = %e, caller = %ctx.caller, "CONNECT refused");
-                self.log(&ctx, 403, "deny", None, (0, 0));
-                return error(StatusCode::FORBIDDEN, &e.to_string());
+                let r = Refusal::new(StatusCode::FORBIDDEN, &e.to_string(), "deny");
+                return self.connect_refused(&mut ctx, r).await;
             }
         };
         let mut stream = None;
@@ -1037,12 +1306,21 @@ impl Gateway {
             }
         }
         let Some(upstream) = stream else {
-            self.log(&ctx, 502, "error", None, (0, 0));
-            return error(
+            let r = Refusal::new(
                 StatusCode::BAD_GATEWAY,
                 "cannot connect to the tunnel target",
+                "error",
             );
+            return self.connect_refused(&mut ctx, r).await;
         };
+        // The tunnel carries nothing until its decision is durable.
+        if let Err(r) = self
+            .audit_decision(&mut ctx, "allow", Some(200), None)
+            .await
+        {
+            drop(upstream);
+            return self.connect_refused(&mut ctx, r).await;
+        }
         self.log(&ctx, 200, "allow", None, (0, 0));
         tokio::spawn(async move {
             match hyper::upgrade::on(req).await {
@@ -1055,6 +1333,15 @@ impl Gateway {
             }
         });
         Response::new(full(Bytes::new()))
+    }
+}
+
+impl Gateway {
+    /// A refused CONNECT: audited (503 when it cannot be), logged, answered.
+    async fn connect_refused(&self, ctx: &mut Ctx, r: Refusal) -> Response<RespBody> {
+        let r = self.audit_refusal(ctx, r).await;
+        self.log(ctx, r.resp.status().as_u16(), r.decision, None, (0, 0));
+        *r.resp
     }
 }
 
@@ -1112,7 +1399,11 @@ pub async fn serve_tcp(
             },
         };
         let _ = stream.set_nodelay(true);
-        tokio::spawn(serve_conn(gw.clone(), stream, Peer::Tcp(addr), mode));
+        let Ok(local) = stream.local_addr() else {
+            continue;
+        };
+        let peer = Peer::Tcp(Arc::new(TcpPeer::new(addr, local)));
+        tokio::spawn(serve_conn(gw.clone(), stream, peer, mode));
     }
 }
 
@@ -1164,8 +1455,36 @@ pub async fn serve_unix(
     }
 }
 
-/// Binds and serves every configured listener; returns when `shutdown`
-/// fires. Errors name the listener that could not be bound.
+/// Deletes request-log entries older than `retention`, every `every`,
+/// until `shutdown` resolves.
+async fn prune_request_log(
+    store: Arc<ProxyStore>,
+    retention: Duration,
+    every: Duration,
+    shutdown: impl Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return,
+            _ = tick.tick() => {}
+        }
+        let cutoff = now_us().saturating_sub(retention.as_micros() as u64);
+        let s = store.clone();
+        match tokio::task::spawn_blocking(move || s.prune_log(cutoff)).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::info!(removed = n, "request log pruned"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "request log pruning failed"),
+            Err(_) => tracing::warn!("request log pruning task failed"),
+        }
+    }
+}
+
+/// Binds and serves every configured listener and starts the request-log
+/// pruner (`request_log_retention`); the tasks end when `shutdown` fires.
+/// Errors name the listener that could not be bound.
 pub async fn run(
     gw: Arc<Gateway>,
     shutdown: tokio::sync::watch::Receiver<bool>,
@@ -1196,6 +1515,14 @@ pub async fn run(
             gw.clone(),
             l,
             Mode::Forward,
+            wait(shutdown.clone()),
+        )));
+    }
+    if let Some(every) = cfg.log_prune_interval() {
+        tasks.push(tokio::spawn(prune_request_log(
+            gw.store.clone(),
+            cfg.request_log_retention.unwrap_or(every),
+            every,
             wait(shutdown.clone()),
         )));
     }

@@ -595,6 +595,43 @@ impl ProxyStore {
         }
     }
 
+    /// Deletes every request-log entry older than `before_us` (all
+    /// proxies); returns how many. One range scan per proxy name, deletes
+    /// applied in batches of 10 000; not flushed (like [`Self::log`]).
+    pub fn prune_log(&self, before_us: u64) -> Result<u64, ProxyError> {
+        let mut removed = 0u64;
+        let mut from: Vec<u8> = Vec::new();
+        while let Some(kv) = self.log.range(from.clone()..).next() {
+            let (k, _) = kv?;
+            let Some(z) = k.iter().position(|b| *b == 0) else {
+                // Not a log key: step over it.
+                from = k.to_vec();
+                from.push(0);
+                continue;
+            };
+            let lo = k[..=z].to_vec();
+            let mut hi = lo.clone();
+            hi.extend_from_slice(&before_us.to_be_bytes());
+            let mut batch = sled::Batch::default();
+            let mut pending = 0u32;
+            for kv in self.log.range(lo..hi) {
+                let (old, _) = kv?;
+                batch.remove(old);
+                pending += 1;
+                removed += 1;
+                if pending == 10_000 {
+                    self.log.apply_batch(std::mem::take(&mut batch))?;
+                    pending = 0;
+                }
+            }
+            self.log.apply_batch(batch)?;
+            // The next proxy name: past every `name || 0x00 || ...` key.
+            from = k[..z].to_vec();
+            from.push(1);
+        }
+        Ok(removed)
+    }
+
     /// Entries of `proxy` with `after_us <= time < before_us` (0: open),
     /// oldest first, at most `limit`.
     pub fn query_log(
