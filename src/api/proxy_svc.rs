@@ -665,4 +665,19 @@ impl ProxyApi for ProxyService {
         .await;
         self.state.audited(audit, res).await
     }
+
+    async fn ca_certificate(
+        &self,
+        req: Request<pb::ProxyListRequest>,
+    ) -> Result<Response<pb::ProxyCaResponse>, Status> {
+        let audit = self.state.audit_ctx(&req, "proxy.ca.get", Some("ca"));
+        let res: Result<Response<pb::ProxyCaResponse>, Status> = async move {
+            let who = caller(&req)?;
+            self.admin(&who, "ca")?;
+            let pem = self.run(|s| s.ca.certificate_pem()).await?;
+            Ok(Response::new(pb::ProxyCaResponse { pem }))
+        }
+        .await;
+        self.state.audited(audit, res).await
+    }
 }

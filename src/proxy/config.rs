@@ -11,6 +11,7 @@
 //! max_request_bytes = 10485760
 //! max_response_bytes = 104857600
 //! header_timeout_secs = 10              # client must send its headers within this
+//! intercept_hosts = ["api.vendor.example"]   # CONNECT to these is TLS-terminated (default: none)
 //! ```
 
 use std::net::SocketAddr;
@@ -36,6 +37,8 @@ pub struct RawProxyConfig {
     max_request_bytes: Option<u64>,
     max_response_bytes: Option<u64>,
     header_timeout_secs: Option<u64>,
+    #[serde(default)]
+    intercept_hosts: Vec<String>,
 }
 
 /// The resolved `[proxy]` section.
@@ -49,6 +52,9 @@ pub struct ProxyConfig {
     pub max_request_bytes: u64,
     pub max_response_bytes: u64,
     pub header_timeout: Duration,
+    /// Hosts whose CONNECT tunnels are TLS-terminated by the proxy (same
+    /// patterns as `egress_allow`); empty: interception off.
+    pub intercept: Egress,
 }
 
 impl Default for ProxyConfig {
@@ -62,6 +68,7 @@ impl Default for ProxyConfig {
             max_request_bytes: 10 * 1024 * 1024,
             max_response_bytes: 100 * 1024 * 1024,
             header_timeout: Duration::from_secs(10),
+            intercept: Egress::default(),
         }
     }
 }
@@ -130,6 +137,19 @@ impl ProxyConfig {
             }
             c.header_timeout = Duration::from_secs(n);
         }
+        for h in &raw.intercept_hosts {
+            if h.is_empty() || h == "*" || h.contains(['/', '@', ' ']) {
+                return Err(format!(
+                    "proxy.intercept_hosts: {h:?} is not a host pattern (api.example.com, *.example.com, host:port)"
+                ));
+            }
+        }
+        c.intercept.allow = raw.intercept_hosts;
         Ok(c)
+    }
+
+    /// Whether a CONNECT to (normalised) `host`:`port` is intercepted.
+    pub fn intercepts(&self, host: &str, port: u16) -> bool {
+        !self.intercept.allow.is_empty() && self.intercept.host_allowed(host, port)
     }
 }

@@ -10,6 +10,8 @@
 //!   socket, forward proxy with CONNECT), as pingora-style phases.
 //! - [`ssrf`]: egress allow-list and internal-address guards for tunnels.
 //! - [`upstream`]: pooled TLS clients per target.
+//! - [`tls`]: the interception CA (key in the root device), leaf
+//!   certificates per host, upstream client certificates (mTLS).
 //! - [`config`]: the `[proxy]` config section.
 
 pub mod config;
@@ -17,6 +19,7 @@ pub mod model;
 pub mod server;
 pub mod ssrf;
 pub mod store;
+pub mod tls;
 pub mod upstream;
 
 pub use config::{ProxyConfig, RawProxyConfig};

@@ -46,6 +46,8 @@ use crate::identity::{Identifier, PeerIdentity};
 use crate::policy::Capability;
 use crate::ratelimit::{Limiter, RateDecision, RatePlan};
 
+mod intercept;
+
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Bodies of answers.
 pub type RespBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
@@ -481,7 +483,12 @@ impl Gateway {
 
     // ---- entry points -----------------------------------------------------
 
-    async fn handle(&self, req: Request<Incoming>, peer: Peer, mode: Mode) -> Response<RespBody> {
+    async fn handle(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        peer: Peer,
+        mode: Mode,
+    ) -> Response<RespBody> {
         let mut ctx = Ctx {
             start: Instant::now(),
             time_us: now_us(),
@@ -578,6 +585,19 @@ impl Gateway {
         };
         let who = self.authenticate(req.headers(), peer, Mode::Forward)?;
         ctx.caller = who.label();
+        self.forward_to(req, who, &host, ctx).await
+    }
+
+    /// The forward proxy after authentication: the target by `host`, then
+    /// the first proxy of that target the caller may use. Also serves the
+    /// requests inside intercepted tunnels.
+    async fn forward_to(
+        &self,
+        req: Request<Incoming>,
+        who: Who,
+        host: &str,
+        ctx: &mut Ctx,
+    ) -> Result<Response<RespBody>, Refusal> {
         let fail = |e: super::model::ProxyError| {
             tracing::error!(error = %e, "proxy configuration read failed");
             Refusal::new(
@@ -975,7 +995,7 @@ impl Gateway {
     /// CONNECT: an authenticated caller, an allow-listed host, every
     /// resolved address checked, then a blind tunnel to the checked address.
     async fn connect(
-        &self,
+        self: &Arc<Self>,
         req: Request<Incoming>,
         peer: Peer,
         mut ctx: Ctx,
@@ -1003,6 +1023,12 @@ impl Gateway {
                 return error(StatusCode::FORBIDDEN, &e.to_string());
             }
         };
+        if let Some((host, port)) = super::ssrf::split_host_port(&authority) {
+            let host = super::ssrf::Egress::normalise(&host);
+            if self.cfg.intercepts(&host, port) {
+                return self.intercept(req, peer, host, ctx).await;
+            }
+        }
         let mut stream = None;
         for a in &addrs {
             if let Ok(Ok(s)) =

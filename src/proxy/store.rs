@@ -132,6 +132,8 @@ pub struct ProxyStore {
     snapshots: RwLock<HashMap<String, (u64, Arc<Snapshot>)>>,
     values: RwLock<HashMap<String, Arc<Zeroizing<Vec<u8>>>>>,
     log_seq: AtomicU64,
+    /// The interception CA and its leaf cache (`proxy_ca` tree).
+    pub ca: super::tls::ProxyCa,
 }
 
 impl std::fmt::Debug for ProxyStore {
@@ -144,7 +146,9 @@ impl ProxyStore {
     /// Opens the proxy trees of `secrets`' store.
     pub fn open(secrets: Arc<SecretStore>) -> Result<ProxyStore, ProxyError> {
         let db = secrets.store().db.clone();
+        let ca = super::tls::ProxyCa::open(secrets.envelope().root().clone(), db.clone())?;
         Ok(ProxyStore {
+            ca,
             targets: db.open_tree(T_TARGETS)?,
             creds: db.open_tree(T_CREDS)?,
             proxies: db.open_tree(T_PROXIES)?,

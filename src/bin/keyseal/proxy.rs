@@ -139,6 +139,10 @@ pub enum ProxyCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Print the TLS interception CA certificate (PEM) for clients to
+    /// trust, e.g. `keyseal proxy ca > keyseal-proxy-ca.pem`. The CA key is
+    /// in the root device; the CA is created on the first call.
+    Ca,
 }
 
 #[derive(Subcommand, Debug)]
@@ -694,6 +698,14 @@ pub async fn proxy(socket: &Path, c: ProxyCmd) -> Res {
                     })
                     .collect(),
             );
+            Ok(())
+        }
+        ProxyCmd::Ca => {
+            let r = cl
+                .ca_certificate(pb::ProxyListRequest {})
+                .await?
+                .into_inner();
+            print!("{}", r.pem);
             Ok(())
         }
     }
