@@ -761,3 +761,143 @@ fn intercept_revoked_key_and_other_host_in_tunnel() {
     assert!(r.body.contains("407"), "{}", r.body);
     let _ = (&e.pki, e.gw, &e.up2);
 }
+
+#[test]
+fn upstream_mtls_client_certificate() {
+    let e = setup(Backend::SoftHsm);
+    let clients = Pki::new("keyseal proxy_tls client CA");
+    let up = start_upstream("127.0.0.1", &e.pki, Some(&clients));
+    let (cert, key) = clients.leaf(&["keyseal-client"], true);
+    let (_, other_key) = clients.leaf(&["other"], true);
+    let dir = e.d.dir();
+    let cert_path = dir.join("client.pem");
+    let key_path = dir.join("client.key");
+    let other_key_path = dir.join("other.key");
+    std::fs::write(&cert_path, &cert).unwrap();
+    std::fs::write(&key_path, &key).unwrap();
+    std::fs::write(&other_key_path, &other_key).unwrap();
+    let url = format!("https://localhost:{}", up.addr.port());
+    let ca = e.test_ca.to_str().unwrap();
+    let d = &e.d;
+    ok(d, &["target", "put", "m", "--url", &url, "--ca", ca], b"");
+    ok(
+        d,
+        &[
+            "proxy",
+            "put",
+            "m",
+            "--target",
+            "m",
+            "--default",
+            "allow",
+            "--key-owner",
+            "svc/m",
+        ],
+        b"",
+    );
+    let key_m = issue(d, "svc/m");
+    let bearer = format!("Authorization: Bearer {key_m}");
+    let gw = format!("http://127.0.0.1:{}/p/m/v1/who", e.gw);
+
+    // Without a client certificate the upstream refuses the handshake.
+    let r = curl(&["-H", &bearer, &gw]);
+    assert_eq!(r.status, 502, "{}", r.body);
+
+    // A key that does not match the certificate is refused, nothing changes.
+    let out = d.run(
+        &[
+            "target",
+            "put",
+            "m",
+            "--url",
+            &url,
+            "--ca",
+            ca,
+            "--client-cert",
+            cert_path.to_str().unwrap(),
+            "--client-key-file",
+            other_key_path.to_str().unwrap(),
+        ],
+        b"",
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(err.contains("does not match"), "{err}");
+    assert!(!err.contains("PRIVATE KEY"), "{err}");
+    // A certificate without its key is a usage error.
+    let out = d.run(
+        &[
+            "target",
+            "put",
+            "m",
+            "--url",
+            &url,
+            "--client-cert",
+            cert_path.to_str().unwrap(),
+        ],
+        b"",
+    );
+    assert!(!out.status.success());
+
+    // With the certificate and its key: accepted.
+    ok(
+        d,
+        &[
+            "target",
+            "put",
+            "m",
+            "--url",
+            &url,
+            "--ca",
+            ca,
+            "--client-cert",
+            cert_path.to_str().unwrap(),
+            "--client-key-file",
+            key_path.to_str().unwrap(),
+        ],
+        b"",
+    );
+    let r = curl(&["-H", &bearer, &gw]);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["path"], "/v1/who");
+
+    // The key is never returned: listings show that a certificate is set.
+    let out = ok(d, &["target", "ls", "--json"], b"");
+    let listing = String::from_utf8_lossy(&out.stdout).into_owned();
+    let v: serde_json::Value = serde_json::from_str(&listing).unwrap();
+    let m = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "m")
+        .unwrap();
+    assert_eq!(m["client_cert"], true);
+    let key_body: String = key.lines().filter(|l| !l.starts_with("-----")).collect();
+    assert!(!listing.contains(&key_body[..40]));
+    let log = d.log_text();
+    assert!(
+        !log.contains(&key_body[..40]),
+        "the client key leaked into the log"
+    );
+
+    // Intercepted tunnels to the host use the target's TLS settings too
+    // (the forward proxy picks target `m` by host).
+    let (_, ca_path) = proxy_ca(&e);
+    let r = curl(&[
+        "-x",
+        &format!("http://127.0.0.1:{}", e.fwd),
+        "-U",
+        &format!("svc:{key_m}"),
+        "--cacert",
+        ca_path.to_str().unwrap(),
+        &format!("https://localhost:{}/v1/via-tunnel", up.addr.port()),
+    ]);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["path"], "/v1/via-tunnel");
+
+    // Putting the target again without the certificate drops it (and the
+    // sealed key): the upstream refuses again.
+    ok(d, &["target", "put", "m", "--url", &url, "--ca", ca], b"");
+    let r = curl(&["-H", &bearer, &gw]);
+    assert_eq!(r.status, 502, "{}", r.body);
+}

@@ -30,6 +30,18 @@ impl fmt::Debug for pb::PutCredentialRequest {
     }
 }
 
+impl fmt::Debug for pb::PutTargetRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PutTargetRequest")
+            .field("target", &self.target)
+            .field(
+                "client_key_pem",
+                &format_args!("*** ({} bytes)", self.client_key_pem.len()),
+            )
+            .finish()
+    }
+}
+
 /// The Proxy service.
 pub struct ProxyService {
     pub state: Arc<DaemonState>,
@@ -56,6 +68,7 @@ fn target_pb(t: Target) -> pb::ProxyTarget {
         created_at: t.created_at,
         updated_at: t.updated_at,
         allow_http: false,
+        client_cert_pem: t.client_cert.unwrap_or_default(),
     }
 }
 
@@ -183,8 +196,9 @@ impl ProxyApi for ProxyService {
         );
         let res: Result<Response<pb::ProxyTarget>, Status> = async move {
         let who = caller(&req)?;
-        let t = req
-            .into_inner()
+        let r = req.into_inner();
+        let client_key = zeroize::Zeroizing::new(r.client_key_pem);
+        let t = r
             .target
             .ok_or_else(|| Status::invalid_argument("give a target"))?;
         self.admin(&who, &format!("target/{}", t.name))?;
@@ -200,8 +214,14 @@ impl ProxyApi for ProxyService {
             idle_timeout_ms: ms(t.idle_timeout_ms, 90_000),
             created_at: 0,
             updated_at: 0,
+            client_cert: opt(t.client_cert_pem),
         };
-        let t = self.run(move |s| s.put_target(rec, now)).await?;
+        let t = self
+            .run(move |s| {
+                let key = (!client_key.is_empty()).then_some(client_key.as_slice());
+                s.put_target_tls(rec, key, now)
+            })
+            .await?;
         tracing::info!(target = %t.name, url = %t.base_url, actor = %who.identity.actor(), "proxy target saved");
         Ok(Response::new(target_pb(t)))
         }

@@ -101,7 +101,7 @@ pub struct Gateway {
     state: Arc<DaemonState>,
     store: Arc<ProxyStore>,
     cfg: ProxyConfig,
-    clients: Clients,
+    clients: Arc<Clients>,
     limiter: Limiter<(String, String)>,
     plans: BTreeMap<String, RatePlan>,
     identifier: Arc<Identifier>,
@@ -276,11 +276,12 @@ impl Gateway {
     /// `[rate_plans.NAME]` (shared with API keys).
     pub fn new(state: Arc<DaemonState>, store: Arc<ProxyStore>, cfg: ProxyConfig) -> Gateway {
         let plans = state.apikeys.config().plans.clone();
+        let clients = Arc::new(Clients::new(Arc::clone(&store)));
         Gateway {
             state,
             store,
             cfg,
-            clients: Clients::default(),
+            clients,
             limiter: Limiter::new(100_000),
             plans,
             identifier: Arc::new(Identifier::new()),
@@ -884,7 +885,17 @@ impl Gateway {
         drop(secret);
 
         // Send.
-        let client = self.clients.get(&snap.target).map_err(|e| {
+        let client = match self.clients.cached(&snap.target) {
+            Some(c) => Ok(c),
+            None => {
+                // Building may unseal a client key (device call).
+                let (clients, t) = (self.clients.clone(), snap.target.clone());
+                tokio::task::spawn_blocking(move || clients.get(&t))
+                    .await
+                    .unwrap_or_else(|_| Err("worker failed".into()))
+            }
+        }
+        .map_err(|e| {
             tracing::error!(target = %snap.target.name, error = %e, "upstream client");
             Refusal::new(
                 StatusCode::BAD_GATEWAY,
