@@ -632,7 +632,34 @@ fn intercept_flow(e: &Env, secret: &str, key: &str) -> PathBuf {
         "{log}"
     );
 
+    // Figures for docs/proxy.md (printed, not asserted): leaf mint time
+    // (one device signature) and a cached-leaf request through curl.
+    let t0 = std::time::Instant::now();
+    let r = curl(&[
+        "-x",
+        &fwd,
+        "-U",
+        &user,
+        "--cacert",
+        ca_path.to_str().unwrap(),
+        &url,
+    ]);
+    assert_eq!(r.status, 200, "{}", r.body);
     let text = e.d.log_text();
+    let mints: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("proxy leaf certificate minted"))
+        .collect();
+    assert_eq!(
+        mints.len(),
+        1,
+        "one leaf per host, then the cache: {mints:?}"
+    );
+    eprintln!(
+        "FIGURE mint: {} | curl via cached leaf: {} ms",
+        mints[0],
+        t0.elapsed().as_millis()
+    );
     assert!(!text.contains(secret), "the credential leaked into the log");
     assert!(!text.contains(key), "the proxy key leaked into the log");
     ca_path

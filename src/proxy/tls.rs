@@ -332,7 +332,9 @@ impl ProxyCa {
                 return Ok(l.clone());
             }
         }
+        let t0 = std::time::Instant::now();
         let leaf = Arc::new(mint_leaf(&ca, host)?);
+        tracing::info!(host = %host, us = t0.elapsed().as_micros() as u64, "proxy leaf certificate minted");
         self.leaves.lock().put(host.to_owned(), leaf.clone());
         Ok(leaf)
     }
