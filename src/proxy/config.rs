@@ -153,3 +153,29 @@ impl ProxyConfig {
         !self.intercept.allow.is_empty() && self.intercept.host_allowed(host, port)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(toml_text: &str) -> Result<ProxyConfig, String> {
+        let raw: RawProxyConfig = toml::from_str(toml_text).map_err(|e| e.to_string())?;
+        ProxyConfig::from_raw(raw, Path::new("/"))
+    }
+
+    #[test]
+    fn intercept_hosts() {
+        let c = parse("").unwrap();
+        assert!(!c.intercepts("api.vendor.example", 443));
+        let c =
+            parse(r#"intercept_hosts = ["api.vendor.example", "*.other.example:8443"]"#).unwrap();
+        assert!(c.intercepts("api.vendor.example", 443));
+        assert!(c.intercepts("api.vendor.example", 8443));
+        assert!(c.intercepts("x.other.example", 8443));
+        assert!(!c.intercepts("x.other.example", 443));
+        assert!(!c.intercepts("other.example", 8443));
+        assert!(!c.intercepts("evil.example", 443));
+        assert!(parse(r#"intercept_hosts = ["*"]"#).is_err());
+        assert!(parse(r#"intercept_hosts = ["a/b"]"#).is_err());
+    }
+}
