@@ -701,3 +701,24 @@ impl ProxyApi for ProxyService {
         self.state.audited(audit, res).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn put_target_debug_masks_the_client_key() {
+        let r = pb::PutTargetRequest {
+            target: Some(pb::ProxyTarget {
+                name: "t".into(),
+                client_cert_pem: "CERT".into(),
+                ..Default::default()
+            }),
+            client_key_pem: b"-----BEGIN PRIVATE KEY-----\nSECRETKEYBYTES".to_vec(),
+        };
+        let d = format!("{r:?}");
+        assert!(!d.contains("SECRETKEYBYTES"), "{d}");
+        assert!(d.contains("*** (42 bytes)"), "{d}");
+        assert!(d.contains("CERT"), "{d}");
+    }
+}
