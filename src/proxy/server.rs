@@ -1,7 +1,9 @@
 //! The proxy listeners (hyper 1.x, HTTP/1.1): the gateway
 //! (`/p/<proxy>/<path>` on loopback TCP and on a Unix socket) and the
 //! forward proxy (absolute-form requests for `HTTP_PROXY` users, CONNECT
-//! tunnels to allow-listed hosts).
+//! tunnels to allow-listed hosts; tunnels to `intercept_hosts` are
+//! TLS-terminated and their requests served like forward-proxy requests,
+//! in `server/intercept.rs`).
 //!
 //! A request goes through phases, each a small function (pingora's
 //! `ProxyHttp` shape): `authenticate` (proxy key or kernel identity) →
@@ -1004,7 +1006,8 @@ impl Gateway {
     }
 
     /// CONNECT: an authenticated caller, an allow-listed host, every
-    /// resolved address checked, then a blind tunnel to the checked address.
+    /// resolved address checked, then a blind tunnel to the checked address
+    /// (or, for an intercepted host, a TLS-terminated tunnel).
     async fn connect(
         self: &Arc<Self>,
         req: Request<Incoming>,
