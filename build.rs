@@ -14,6 +14,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ])
         // Carries a target credential's value (src/api/proxy_svc.rs).
         .skip_debug(["keyseal.v1.PutCredentialRequest"])
+        // Carries an upstream client private key (src/api/proxy_svc.rs).
+        .skip_debug(["keyseal.v1.PutTargetRequest"])
         .skip_debug(["keyseal.v1.AuditHashRequest"])
         .skip_debug([
             "keyseal.v1.MintTokenRequest",

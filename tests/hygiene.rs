@@ -1,10 +1,10 @@
 //! Secret hygiene: unique canary values go through every path that carries
 //! a secret (secret put/get, `keyseal run`, API keys issued, rotated,
 //! verified and presented wrongly, signing, a proxy target credential
-//! injected into a proxied request, the token PIN), then everything the
-//! daemon and the CLI wrote or exposed is searched for each canary in
-//! plain, base64 (standard and URL-safe, at every byte alignment) and hex
-//! form: the daemon log, every CLI stdout/stderr (except the stdout that
+//! injected into a proxied request, an upstream mTLS client key, the token
+//! PIN), then everything the daemon and the CLI wrote or exposed is
+//! searched for each canary in plain, base64 (standard and URL-safe, at
+//! every byte alignment) and hex form: the daemon log, every CLI stdout/stderr (except the stdout that
 //! legitimately carries a value), the files under the daemon's directory
 //! (the sled store must hold only ciphertext), `/proc/<pid>/cmdline` and
 //! `/proc/<pid>/environ`. Also: core dumps are off and the daemon is
@@ -494,6 +494,43 @@ fn canaries_appear_nowhere() {
     );
     assert!(!resp.starts_with(b"HTTP/1.1 200"));
     scan.add("gateway response (wrong key)", resp);
+    // An upstream client key (mTLS), read from a file outside the daemon's
+    // directory: sealed, never listed or logged. Its canary is a line of
+    // its PEM text and the raw private scalar.
+    let (client_cert, client_key, client_scalar) = {
+        let k = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["hyg-client".to_string()])
+            .unwrap()
+            .self_signed(&k)
+            .unwrap();
+        let der = k.serialize_der();
+        // PKCS#8 of P-256 from ring: the scalar follows `04 20` after the
+        // algorithm identifiers.
+        let at = der.windows(2).position(|w| w == [0x04, 0x20]).unwrap() + 2;
+        (cert.pem(), k.serialize_pem(), der[at..at + 32].to_vec())
+    };
+    let outside = tempfile::tempdir().unwrap();
+    let (cert_path, key_path) = (outside.path().join("c.pem"), outside.path().join("k.pem"));
+    std::fs::write(&cert_path, &client_cert).unwrap();
+    std::fs::write(&key_path, &client_key).unwrap();
+    ok(
+        &d,
+        &mut scan,
+        &[
+            "target",
+            "put",
+            "hyg-mtls",
+            "--url",
+            "https://127.0.0.1:9",
+            "--client-cert",
+            cert_path.to_str().unwrap(),
+            "--client-key-file",
+            key_path.to_str().unwrap(),
+        ],
+        b"",
+        false,
+    );
+    let client_key_line = client_key.lines().nth(1).unwrap().as_bytes().to_vec();
     for args in [
         &["target", "cred", "ls", "--json"][..],
         &["target", "ls", "--json"],
@@ -553,6 +590,14 @@ fn canaries_appear_nowhere() {
         Canary {
             what: "look-alike API key".into(),
             value: lookalike.into_bytes(),
+        },
+        Canary {
+            what: "upstream client key (PEM line)".into(),
+            value: client_key_line,
+        },
+        Canary {
+            what: "upstream client key (scalar)".into(),
+            value: client_scalar,
         },
     ];
     let hits = scan.hits(&canaries);

@@ -103,6 +103,7 @@ fn unauditable_decisions_get_503_and_nothing_is_forwarded() {
                 connect_timeout_ms: 5_000,
                 response_timeout_ms: 5_000,
                 idle_timeout_ms: 1_000,
+                client_cert: None,
                 created_at: 0,
                 updated_at: 0,
             },
@@ -122,6 +123,7 @@ fn unauditable_decisions_get_503_and_nothing_is_forwarded() {
                 key_owners: vec![],
                 created_at: 0,
                 updated_at: 0,
+                on_anomaly: Default::default(),
             },
             0,
         )

@@ -31,6 +31,18 @@ impl fmt::Debug for pb::PutCredentialRequest {
     }
 }
 
+impl fmt::Debug for pb::PutTargetRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PutTargetRequest")
+            .field("target", &self.target)
+            .field(
+                "client_key_pem",
+                &format_args!("*** ({} bytes)", self.client_key_pem.len()),
+            )
+            .finish()
+    }
+}
+
 /// The Proxy service.
 pub struct ProxyService {
     pub state: Arc<DaemonState>,
@@ -57,6 +69,7 @@ fn target_pb(t: Target) -> pb::ProxyTarget {
         created_at: t.created_at,
         updated_at: t.updated_at,
         allow_http: false,
+        client_cert_pem: t.client_cert.unwrap_or_default(),
     }
 }
 
@@ -204,8 +217,9 @@ impl ProxyApi for ProxyService {
         );
         let res: Result<Response<pb::ProxyTarget>, Status> = async move {
         let who = caller(&req)?;
-        let t = req
-            .into_inner()
+        let r = req.into_inner();
+        let client_key = zeroize::Zeroizing::new(r.client_key_pem);
+        let t = r
             .target
             .ok_or_else(|| Status::invalid_argument("give a target"))?;
         self.admin(&who, &format!("target/{}", t.name))?;
@@ -221,8 +235,14 @@ impl ProxyApi for ProxyService {
             idle_timeout_ms: ms(t.idle_timeout_ms, 90_000),
             created_at: 0,
             updated_at: 0,
+            client_cert: opt(t.client_cert_pem),
         };
-        let t = self.run(move |s| s.put_target(rec, now)).await?;
+        let t = self
+            .run(move |s| {
+                let key = (!client_key.is_empty()).then_some(client_key.as_slice());
+                s.put_target_tls(rec, key, now)
+            })
+            .await?;
         tracing::info!(target = %t.name, url = %t.base_url, actor = %who.identity.actor(), "proxy target saved");
         Ok(Response::new(target_pb(t)))
         }
@@ -733,6 +753,21 @@ impl ProxyApi for ProxyService {
         self.state.audited(audit, res).await
     }
 
+    async fn ca_certificate(
+        &self,
+        req: Request<pb::ProxyListRequest>,
+    ) -> Result<Response<pb::ProxyCaResponse>, Status> {
+        let audit = self.state.audit_ctx(&req, "proxy.ca.get", Some("ca"));
+        let res: Result<Response<pb::ProxyCaResponse>, Status> = async move {
+            let who = caller(&req)?;
+            self.admin(&who, "ca")?;
+            let pem = self.run(|s| s.ca.certificate_pem()).await?;
+            Ok(Response::new(pb::ProxyCaResponse { pem }))
+        }
+        .await;
+        self.state.audited(audit, res).await
+    }
+
     async fn unsuspend(
         &self,
         req: Request<pb::UnsuspendRequest>,
@@ -769,5 +804,26 @@ impl ProxyApi for ProxyService {
         }
         .await;
         self.state.audited(audit, res).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn put_target_debug_masks_the_client_key() {
+        let r = pb::PutTargetRequest {
+            target: Some(pb::ProxyTarget {
+                name: "t".into(),
+                client_cert_pem: "CERT".into(),
+                ..Default::default()
+            }),
+            client_key_pem: b"-----BEGIN PRIVATE KEY-----\nSECRETKEYBYTES".to_vec(),
+        };
+        let d = format!("{r:?}");
+        assert!(!d.contains("SECRETKEYBYTES"), "{d}");
+        assert!(d.contains("*** (42 bytes)"), "{d}");
+        assert!(d.contains("CERT"), "{d}");
     }
 }

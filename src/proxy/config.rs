@@ -12,6 +12,7 @@
 //! max_response_bytes = 104857600
 //! header_timeout_secs = 10              # client must send its headers within this
 //! request_log_retention = "30d"         # proxy_log entries older than this are pruned ("off": never)
+//! intercept_hosts = ["api.vendor.example"]   # CONNECT to these is TLS-terminated (default: none)
 //! ```
 
 use std::net::SocketAddr;
@@ -39,6 +40,8 @@ pub struct RawProxyConfig {
     header_timeout_secs: Option<u64>,
     anomaly: Option<super::telemetry::RawAnomalyConfig>,
     request_log_retention: Option<String>,
+    #[serde(default)]
+    intercept_hosts: Vec<String>,
 }
 
 /// The resolved `[proxy]` section.
@@ -56,6 +59,9 @@ pub struct ProxyConfig {
     pub anomaly: super::telemetry::AnomalyConfig,
     /// How long request-log entries are kept; `None`: forever.
     pub request_log_retention: Option<Duration>,
+    /// Hosts whose CONNECT tunnels are TLS-terminated by the proxy (same
+    /// patterns as `egress_allow`); empty: interception off.
+    pub intercept: Egress,
 }
 
 /// Default `request_log_retention`: 30 days.
@@ -74,6 +80,7 @@ impl Default for ProxyConfig {
             header_timeout: Duration::from_secs(10),
             anomaly: super::telemetry::AnomalyConfig::default(),
             request_log_retention: Some(DEFAULT_LOG_RETENTION),
+            intercept: Egress::default(),
         }
     }
 }
@@ -159,6 +166,14 @@ impl ProxyConfig {
                 Some(d)
             };
         }
+        for h in &raw.intercept_hosts {
+            if h.is_empty() || h == "*" || h.contains(['/', '@', ' ']) {
+                return Err(format!(
+                    "proxy.intercept_hosts: {h:?} is not a host pattern (api.example.com, *.example.com, host:port)"
+                ));
+            }
+        }
+        c.intercept.allow = raw.intercept_hosts;
         Ok(c)
     }
 
@@ -167,6 +182,11 @@ impl ProxyConfig {
     pub fn log_prune_interval(&self) -> Option<Duration> {
         self.request_log_retention
             .map(|r| (r / 10).clamp(Duration::from_secs(1), Duration::from_secs(600)))
+    }
+
+    /// Whether a CONNECT to (normalised) `host`:`port` is intercepted.
+    pub fn intercepts(&self, host: &str, port: u16) -> bool {
+        !self.intercept.allow.is_empty() && self.intercept.host_allowed(host, port)
     }
 }
 
@@ -200,5 +220,21 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn intercept_hosts() {
+        let c = parse("").unwrap();
+        assert!(!c.intercepts("api.vendor.example", 443));
+        let c =
+            parse(r#"intercept_hosts = ["api.vendor.example", "*.other.example:8443"]"#).unwrap();
+        assert!(c.intercepts("api.vendor.example", 443));
+        assert!(c.intercepts("api.vendor.example", 8443));
+        assert!(c.intercepts("x.other.example", 8443));
+        assert!(!c.intercepts("x.other.example", 443));
+        assert!(!c.intercepts("other.example", 8443));
+        assert!(!c.intercepts("evil.example", 443));
+        assert!(parse(r#"intercept_hosts = ["*"]"#).is_err());
+        assert!(parse(r#"intercept_hosts = ["a/b"]"#).is_err());
     }
 }

@@ -14,6 +14,8 @@
 //! - [`upstream`]: pooled TLS clients per target.
 //! - [`telemetry`]: per-minute/hour/day buckets, anomaly flags and caller
 //!   suspension.
+//! - [`tls`]: the interception CA (key in the root device), leaf
+//!   certificates per host, upstream client certificates (mTLS).
 //! - [`config`]: the `[proxy]` config section.
 
 pub mod config;
@@ -23,6 +25,7 @@ pub mod sockdiag;
 pub mod ssrf;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 pub mod upstream;
 
 pub use config::{ProxyConfig, RawProxyConfig};

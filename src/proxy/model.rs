@@ -88,6 +88,10 @@ pub struct Target {
     pub idle_timeout_ms: u64,
     pub created_at: u64,
     pub updated_at: u64,
+    /// Client certificate chain (PEM) presented to the upstream (mTLS);
+    /// its private key is sealed under the root (kind
+    /// [`super::tls::CLIENT_KEY_KIND`], name = target name), never returned.
+    pub client_cert: Option<String>,
 }
 
 /// A parsed base URL.

@@ -1,7 +1,9 @@
 //! The proxy listeners (hyper 1.x, HTTP/1.1): the gateway
 //! (`/p/<proxy>/<path>` on loopback TCP and on a Unix socket) and the
 //! forward proxy (absolute-form requests for `HTTP_PROXY` users, CONNECT
-//! tunnels to allow-listed hosts).
+//! tunnels to allow-listed hosts; tunnels to `intercept_hosts` are
+//! TLS-terminated and their requests served like forward-proxy requests,
+//! in `server/intercept.rs`).
 //!
 //! A request goes through phases, each a small function (pingora's
 //! `ProxyHttp` shape): `authenticate` (proxy key, or the kernel identity of
@@ -48,6 +50,8 @@ use crate::apikeys::{VerifyCaller, VerifyRequest};
 use crate::identity::{Identifier, PeerIdentity};
 use crate::policy::Capability;
 use crate::ratelimit::{Limiter, RateDecision, RatePlan};
+
+mod intercept;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Bodies of answers.
@@ -172,7 +176,7 @@ pub struct Gateway {
     state: Arc<DaemonState>,
     store: Arc<ProxyStore>,
     cfg: ProxyConfig,
-    clients: Clients,
+    clients: Arc<Clients>,
     limiter: Limiter<(String, String)>,
     plans: BTreeMap<String, RatePlan>,
     identifier: Arc<Identifier>,
@@ -423,11 +427,12 @@ impl Gateway {
             state.audit.clone(),
             state.shutdown.clone(),
         );
+        let clients = Arc::new(Clients::new(Arc::clone(&store)));
         Gateway {
             state,
             store,
             cfg,
-            clients: Clients::default(),
+            clients,
             limiter: Limiter::new(100_000),
             plans,
             identifier: Arc::new(Identifier::new()),
@@ -749,7 +754,12 @@ impl Gateway {
 
     // ---- entry points -----------------------------------------------------
 
-    async fn handle(&self, req: Request<Incoming>, peer: Peer, mode: Mode) -> Response<RespBody> {
+    async fn handle(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        peer: Peer,
+        mode: Mode,
+    ) -> Response<RespBody> {
         let mut ctx = Ctx {
             start: Instant::now(),
             time_us: now_us(),
@@ -863,6 +873,19 @@ impl Gateway {
             .authenticate(req.headers(), peer, Mode::Forward)
             .await?;
         ctx.set_who(&who);
+        self.forward_to(req, who, &host, ctx).await
+    }
+
+    /// The forward proxy after authentication: the target by `host`, then
+    /// the first proxy of that target the caller may use. Also serves the
+    /// requests inside intercepted tunnels.
+    async fn forward_to(
+        &self,
+        req: Request<Incoming>,
+        who: Who,
+        host: &str,
+        ctx: &mut Ctx,
+    ) -> Result<Response<RespBody>, Refusal> {
         let fail = |e: super::model::ProxyError| {
             tracing::error!(error = %e, "proxy configuration read failed");
             Refusal::new(
@@ -1160,7 +1183,17 @@ impl Gateway {
             .await?;
 
         // Send.
-        let client = self.clients.get(&snap.target).map_err(|e| {
+        let client = match self.clients.cached(&snap.target) {
+            Some(c) => Ok(c),
+            None => {
+                // Building may unseal a client key (device call).
+                let (clients, t) = (self.clients.clone(), snap.target.clone());
+                tokio::task::spawn_blocking(move || clients.get(&t))
+                    .await
+                    .unwrap_or_else(|_| Err("worker failed".into()))
+            }
+        }
+        .map_err(|e| {
             tracing::error!(target = %snap.target.name, error = %e, "upstream client");
             Refusal::new(
                 StatusCode::BAD_GATEWAY,
@@ -1269,9 +1302,10 @@ impl Gateway {
     }
 
     /// CONNECT: an authenticated caller, an allow-listed host, every
-    /// resolved address checked, then a blind tunnel to the checked address.
+    /// resolved address checked, then a blind tunnel to the checked address
+    /// (or, for an intercepted host, a TLS-terminated tunnel).
     async fn connect(
-        &self,
+        self: &Arc<Self>,
         req: Request<Incoming>,
         peer: Peer,
         mut ctx: Ctx,
@@ -1296,6 +1330,12 @@ impl Gateway {
                 return self.connect_refused(&mut ctx, r).await;
             }
         };
+        if let Some((host, port)) = super::ssrf::split_host_port(&authority) {
+            let host = super::ssrf::Egress::normalise(&host);
+            if self.cfg.intercepts(&host, port) {
+                return self.intercept(req, peer, host, ctx).await;
+            }
+        }
         let mut stream = None;
         for a in &addrs {
             if let Ok(Ok(s)) =

@@ -112,6 +112,49 @@ fn rule_key(proxy: &str, id: &str) -> Vec<u8> {
     k
 }
 
+/// A target record as written before `client_cert` existed.
+#[derive(Deserialize)]
+struct TargetV1 {
+    name: String,
+    base_url: String,
+    ca_bundle: Option<String>,
+    connect_timeout_ms: u64,
+    response_timeout_ms: u64,
+    idle_timeout_ms: u64,
+    created_at: u64,
+    updated_at: u64,
+}
+
+/// Decodes a target record, also one written before `client_cert`
+/// (postcard has no defaults for missing trailing fields).
+fn decode_target(b: &[u8]) -> Result<Target, crate::store::StoreError> {
+    match decode::<Target>(T_TARGETS, b) {
+        Ok(t) => Ok(t),
+        Err(e) => match decode::<TargetV1>(T_TARGETS, b) {
+            Ok(o) => Ok(Target {
+                name: o.name,
+                base_url: o.base_url,
+                ca_bundle: o.ca_bundle,
+                connect_timeout_ms: o.connect_timeout_ms,
+                response_timeout_ms: o.response_timeout_ms,
+                idle_timeout_ms: o.idle_timeout_ms,
+                created_at: o.created_at,
+                updated_at: o.updated_at,
+                client_cert: None,
+            }),
+            Err(_) => Err(e),
+        },
+    }
+}
+
+/// Key of a sealed value in the `sealed` tree (as `SecretStore::seal_value` writes it).
+fn sealed_id(kind: &str, name: &str) -> Vec<u8> {
+    let mut k = kind.as_bytes().to_vec();
+    k.push(0);
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
 fn prefix(proxy: &str) -> Vec<u8> {
     let mut k = proxy.as_bytes().to_vec();
     k.push(0);
@@ -133,6 +176,8 @@ pub struct ProxyStore {
     values: RwLock<HashMap<String, Arc<Zeroizing<Vec<u8>>>>>,
     log_seq: AtomicU64,
     telemetry: Arc<super::telemetry::Telemetry>,
+    /// The interception CA and its leaf cache (`proxy_ca` tree).
+    pub ca: super::tls::ProxyCa,
 }
 
 impl std::fmt::Debug for ProxyStore {
@@ -145,7 +190,9 @@ impl ProxyStore {
     /// Opens the proxy trees of `secrets`' store.
     pub fn open(secrets: Arc<SecretStore>) -> Result<ProxyStore, ProxyError> {
         let db = secrets.store().db.clone();
+        let ca = super::tls::ProxyCa::open(secrets.envelope().root().clone(), db.clone())?;
         Ok(ProxyStore {
+            ca,
             targets: db.open_tree(T_TARGETS)?,
             creds: db.open_tree(T_CREDS)?,
             proxies: db.open_tree(T_PROXIES)?,
@@ -171,7 +218,21 @@ impl ProxyStore {
     // ---- targets ----------------------------------------------------------
 
     /// Creates or replaces a target (`created_at` is kept on replace).
-    pub fn put_target(&self, mut t: Target, now: u64) -> Result<Target, ProxyError> {
+    pub fn put_target(&self, t: Target, now: u64) -> Result<Target, ProxyError> {
+        self.put_target_tls(t, None, now)
+    }
+
+    /// Creates or replaces a target with its upstream client key (PEM) when
+    /// `t.client_cert` is set: the pair is checked (parses, key matches the
+    /// certificate), the key sealed under the root before the record is
+    /// written. A target put without a client certificate drops a sealed
+    /// key it had, in the record's transaction.
+    pub fn put_target_tls(
+        &self,
+        mut t: Target,
+        client_key: Option<&[u8]>,
+        now: u64,
+    ) -> Result<Target, ProxyError> {
         check_name("target", &t.name)?;
         let base = BaseUrl::parse(&t.base_url, true)?;
         t.base_url = base.to_text();
@@ -190,15 +251,50 @@ impl ProxyStore {
             }
             super::upstream::load_roots(ca).map_err(|e| invalid(format!("ca bundle: {e}")))?;
         }
+        match (&t.client_cert, client_key) {
+            (Some(cert), Some(key)) => {
+                if cert.len() > 64 * 1024 || key.len() > 16 * 1024 {
+                    return Err(invalid(
+                        "client certificate (64 KiB) or key (16 KiB) is too large",
+                    ));
+                }
+                super::tls::check_client_auth(cert, key)?;
+            }
+            (Some(_), None) => {
+                return Err(invalid(
+                    "a client certificate needs its private key (--client-key-file)",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "a client key needs its certificate (--client-cert)",
+                ))
+            }
+            (None, None) => {}
+        }
         let _g = self.write.lock();
-        let t = self
-            .targets
-            .transaction(|tt| {
-                let old: Option<Target> = tx_get(tt, T_TARGETS, t.name.as_bytes())?;
+        if let Some(key) = client_key {
+            self.secrets
+                .seal_value(super::tls::CLIENT_KEY_KIND, &t.name, key)?;
+        }
+        let sealed = self.secrets.store().sealed.clone();
+        let key_id = sealed_id(super::tls::CLIENT_KEY_KIND, &t.name);
+        let t = (&self.targets, &sealed)
+            .transaction(|(tt, st)| {
+                let old = match tt.get(t.name.as_bytes())? {
+                    Some(b) => match decode_target(&b) {
+                        Ok(o) => Some(o),
+                        Err(e) => return abort(e.into()),
+                    },
+                    None => None,
+                };
                 let mut t = t.clone();
                 t.created_at = old.map_or(now, |o| o.created_at);
                 t.updated_at = now;
                 tx_put(tt, t.name.as_bytes(), &t)?;
+                if t.client_cert.is_none() {
+                    st.remove(key_id.as_slice())?;
+                }
                 Ok(t)
             })
             .map_err(from_tx)?;
@@ -208,7 +304,7 @@ impl ProxyStore {
 
     pub fn get_target(&self, name: &str) -> Result<Target, ProxyError> {
         match self.targets.get(name.as_bytes())? {
-            Some(b) => Ok(decode(T_TARGETS, &b)?),
+            Some(b) => Ok(decode_target(&b)?),
             None => Err(ProxyError::NotFound(format!("target {name:?}"))),
         }
     }
@@ -217,7 +313,7 @@ impl ProxyStore {
         self.targets
             .iter()
             .values()
-            .map(|v| Ok(decode(T_TARGETS, &v?)?))
+            .map(|v| Ok(decode_target(&v?)?))
             .collect()
     }
 
@@ -231,15 +327,26 @@ impl ProxyStore {
                 "target {name} is used by {user}; delete or repoint that first"
             )));
         }
-        self.targets
-            .transaction(|tt| {
+        let sealed = self.secrets.store().sealed.clone();
+        let key_id = sealed_id(super::tls::CLIENT_KEY_KIND, name);
+        (&self.targets, &sealed)
+            .transaction(|(tt, st)| {
                 if tt.remove(name.as_bytes())?.is_none() {
                     return abort(ProxyError::NotFound(format!("target {name:?}")));
                 }
+                st.remove(key_id.as_slice())?;
                 Ok(())
             })
             .map_err(from_tx)?;
         self.changed()
+    }
+
+    /// The unsealed upstream client key (PEM) of target `name`. Blocking
+    /// on a cold DEK cache. Only the upstream client reads it.
+    pub fn client_key(&self, name: &str) -> Result<Zeroizing<Vec<u8>>, ProxyError> {
+        self.secrets
+            .open_value(super::tls::CLIENT_KEY_KIND, name)?
+            .ok_or_else(|| ProxyError::NotFound(format!("client key of target {name:?}")))
     }
 
     fn target_in_use(&self, name: &str) -> Result<Option<String>, ProxyError> {
@@ -655,5 +762,45 @@ impl ProxyStore {
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn old_target_records_decode() {
+        #[derive(Serialize)]
+        struct Old<'a> {
+            name: &'a str,
+            base_url: &'a str,
+            ca_bundle: Option<&'a str>,
+            connect_timeout_ms: u64,
+            response_timeout_ms: u64,
+            idle_timeout_ms: u64,
+            created_at: u64,
+            updated_at: u64,
+        }
+        let old = encode(&Old {
+            name: "v",
+            base_url: "https://a.example",
+            ca_bundle: Some("/ca.pem"),
+            connect_timeout_ms: 1,
+            response_timeout_ms: 2,
+            idle_timeout_ms: 3,
+            created_at: 4,
+            updated_at: 5,
+        })
+        .unwrap();
+        let t = decode_target(&old).unwrap();
+        assert_eq!(t.name, "v");
+        assert_eq!(t.ca_bundle.as_deref(), Some("/ca.pem"));
+        assert_eq!((t.idle_timeout_ms, t.updated_at), (3, 5));
+        assert_eq!(t.client_cert, None);
+        let mut new = t.clone();
+        new.client_cert = Some("PEM".into());
+        assert_eq!(decode_target(&encode(&new).unwrap()).unwrap(), new);
+        assert!(decode_target(&[1, 2]).is_err());
     }
 }

@@ -1,6 +1,8 @@
 //! Upstream HTTP clients: one pooled keep-alive client (hyper-util legacy
 //! `Client` over rustls) per target, built from the target's trust roots
-//! and timeouts and rebuilt when the target changes.
+//! and timeouts and rebuilt when the target changes. A target with a
+//! client certificate presents it (mTLS); its key is unsealed only to build
+//! the client.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -14,6 +16,7 @@ use parking_lot::Mutex;
 use rustls::RootCertStore;
 
 use super::model::Target;
+use super::store::ProxyStore;
 
 /// The body type sent upstream.
 pub type UpBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
@@ -38,21 +41,31 @@ pub fn load_roots(path: &str) -> Result<RootCertStore, String> {
     Ok(roots)
 }
 
-fn build(t: &Target) -> Result<UpClient, String> {
+fn build(t: &Target, store: &ProxyStore) -> Result<UpClient, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?;
-    let tls = match &t.ca_bundle {
-        Some(ca) => builder
-            .with_root_certificates(load_roots(ca)?)
-            .with_no_client_auth(),
+    let builder = match &t.ca_bundle {
+        Some(ca) => builder.with_root_certificates(load_roots(ca)?),
         None => {
             use hyper_rustls::ConfigBuilderExt;
             builder
                 .with_native_roots()
                 .map_err(|e| format!("system trust roots: {e}"))?
-                .with_no_client_auth()
+        }
+    };
+    let tls = match &t.client_cert {
+        None => builder.with_no_client_auth(),
+        Some(cert) => {
+            let key = store
+                .client_key(&t.name)
+                .map_err(|e| format!("client key: {e}"))?;
+            let (certs, key) =
+                super::tls::client_auth(cert, &key).map_err(|e| format!("client key: {e}"))?;
+            builder
+                .with_client_auth_cert(certs, key)
+                .map_err(|e| format!("client certificate: {e}"))?
         }
     };
     let mut http = HttpConnector::new();
@@ -73,22 +86,37 @@ fn build(t: &Target) -> Result<UpClient, String> {
 }
 
 /// Clients by target, rebuilt when the target record changes.
-#[derive(Default)]
 pub struct Clients {
     map: Mutex<HashMap<String, (Target, UpClient)>>,
+    store: Arc<ProxyStore>,
 }
 
 impl Clients {
-    /// The client for `t` (built on first use or after `t` changed).
-    pub fn get(&self, t: &Target) -> Result<UpClient, String> {
-        let mut m = self.map.lock();
-        if let Some((old, c)) = m.get(&t.name) {
-            if old == t {
-                return Ok(c.clone());
-            }
+    /// Clients reading client keys from `store`.
+    pub fn new(store: Arc<ProxyStore>) -> Clients {
+        Clients {
+            map: Mutex::new(HashMap::new()),
+            store,
         }
-        let c = build(t)?;
-        m.insert(t.name.clone(), (t.clone(), c.clone()));
+    }
+
+    /// The client for `t` if one is built for this very record.
+    pub fn cached(&self, t: &Target) -> Option<UpClient> {
+        let m = self.map.lock();
+        m.get(&t.name)
+            .and_then(|(old, c)| (old == t).then(|| c.clone()))
+    }
+
+    /// The client for `t` (built on first use or after `t` changed).
+    /// Blocking when it builds a client with a sealed client key.
+    pub fn get(&self, t: &Target) -> Result<UpClient, String> {
+        if let Some(c) = self.cached(t) {
+            return Ok(c);
+        }
+        let c = build(t, &self.store)?;
+        self.map
+            .lock()
+            .insert(t.name.clone(), (t.clone(), c.clone()));
         Ok(c)
     }
 }

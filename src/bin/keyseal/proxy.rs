@@ -33,6 +33,12 @@ pub enum TargetCmd {
         /// Accept an http:// base URL (plain text upstream).
         #[arg(long)]
         allow_http: bool,
+        /// Client certificate chain (PEM file) presented to the upstream (mTLS).
+        #[arg(long, requires = "client_key_file")]
+        client_cert: Option<PathBuf>,
+        /// Its private key (PEM file; sealed by keyseald, never shown again).
+        #[arg(long, requires = "client_cert")]
+        client_key_file: Option<PathBuf>,
     },
     /// List targets.
     Ls {
@@ -161,6 +167,10 @@ pub enum ProxyCmd {
         #[arg(long)]
         caller: String,
     },
+    /// Print the TLS interception CA certificate (PEM) for clients to
+    /// trust, e.g. `keyseal proxy ca > keyseal-proxy-ca.pem`. The CA key is
+    /// in the root device; the CA is created on the first call.
+    Ca,
 }
 
 #[derive(Subcommand, Debug)]
@@ -260,6 +270,7 @@ fn target_json(t: &pb::ProxyTarget) -> serde_json::Value {
         "name": t.name, "base_url": t.base_url, "ca_bundle": t.ca_bundle,
         "connect_timeout_ms": t.connect_timeout_ms, "response_timeout_ms": t.response_timeout_ms,
         "idle_timeout_ms": t.idle_timeout_ms, "created_at": t.created_at, "updated_at": t.updated_at,
+        "client_cert": !t.client_cert_pem.is_empty(),
     })
 }
 
@@ -345,7 +356,28 @@ pub async fn target(socket: &Path, c: TargetCmd) -> Res {
             response_timeout_ms,
             idle_timeout_ms,
             allow_http,
+            client_cert,
+            client_key_file,
         } => {
+            let read = |p: &Path, what: &str| {
+                std::fs::read(p).map(Zeroizing::new).map_err(|e| {
+                    Failure::new(
+                        exit::DATA,
+                        format!("cannot read {what} {}: {e}", p.display()),
+                        None,
+                    )
+                })
+            };
+            let client_cert_pem = match &client_cert {
+                Some(p) => String::from_utf8(read(p, "--client-cert")?.to_vec()).map_err(|_| {
+                    Failure::new(exit::DATA, "--client-cert is not a PEM text file", None)
+                })?,
+                None => String::new(),
+            };
+            let client_key_pem = match &client_key_file {
+                Some(p) => read(p, "--client-key-file")?,
+                None => Zeroizing::new(Vec::new()),
+            };
             let ca_bundle = match ca {
                 Some(p) => std::path::absolute(&p)
                     .map_err(|e| Failure::new(exit::USAGE, format!("--ca: {e}"), None))?
@@ -365,7 +397,9 @@ pub async fn target(socket: &Path, c: TargetCmd) -> Res {
                         created_at: 0,
                         updated_at: 0,
                         allow_http,
+                        client_cert_pem,
                     }),
+                    client_key_pem: client_key_pem.to_vec(),
                 })
                 .await?
                 .into_inner();
@@ -380,7 +414,7 @@ pub async fn target(socket: &Path, c: TargetCmd) -> Res {
                 ));
             }
             table(
-                &["NAME", "BASE_URL", "CA", "UPDATED"],
+                &["NAME", "BASE_URL", "CA", "CLIENT_CERT", "UPDATED"],
                 r.targets
                     .iter()
                     .map(|t| {
@@ -391,6 +425,11 @@ pub async fn target(socket: &Path, c: TargetCmd) -> Res {
                                 "system".into()
                             } else {
                                 t.ca_bundle.clone()
+                            },
+                            if t.client_cert_pem.is_empty() {
+                                "-".into()
+                            } else {
+                                "yes".into()
                             },
                             ts(t.updated_at),
                         ]
@@ -829,6 +868,14 @@ pub async fn proxy(socket: &Path, c: ProxyCmd) -> Res {
             })
             .await?;
             eprintln!("cleared the suspension of {caller} on proxy {name}");
+            Ok(())
+        }
+        ProxyCmd::Ca => {
+            let r = cl
+                .ca_certificate(pb::ProxyListRequest {})
+                .await?
+                .into_inner();
+            print!("{}", r.pem);
             Ok(())
         }
     }
