@@ -17,7 +17,7 @@ mod common;
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -54,6 +54,7 @@ async fn client_loop(
     round: usize,
     id: usize,
     stop: Arc<AtomicBool>,
+    acks: Arc<AtomicU64>,
 ) -> (Acked, u64) {
     let mut acked = Acked::default();
     let mut failed = 0u64;
@@ -77,6 +78,7 @@ async fn client_loop(
         match put {
             Ok(Ok(_)) => {
                 acked.puts.insert(name.clone(), value.clone());
+                acks.fetch_add(1, Ordering::SeqCst);
             }
             other => {
                 if acked.first_error.is_none() {
@@ -173,9 +175,25 @@ fn kill_9_under_load(b: Backend) {
     let mut rng = rand::thread_rng();
     for round in 0..ROUNDS {
         let stop = Arc::new(AtomicBool::new(false));
+        let acks = Arc::new(AtomicU64::new(0));
         let tasks: Vec<_> = (0..CLIENTS)
-            .map(|id| rt.spawn(client_loop(d.socket.clone(), round, id, stop.clone())))
+            .map(|id| {
+                rt.spawn(client_loop(
+                    d.socket.clone(),
+                    round,
+                    id,
+                    stop.clone(),
+                    acks.clone(),
+                ))
+            })
             .collect();
+        // the load is under way (bounded wait), then a random moment later
+        let started = Instant::now();
+        while acks.load(Ordering::SeqCst) < CLIENTS as u64
+            && started.elapsed() < Duration::from_secs(30)
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         std::thread::sleep(Duration::from_millis(rng.gen_range(1000..2000)));
         let mut child = d.take_daemon_child().expect("daemon running");
         child.kill().unwrap(); // SIGKILL
