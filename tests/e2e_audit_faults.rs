@@ -598,6 +598,43 @@ fn full_store_disk() {
         assert!(took < Duration::from_secs(10), "get hung: {took:?}");
         assert!(full_codes.contains(&code), "{code:?}");
     }
+    // listing the store or reading the log: refused up front, promptly
+    // (sled's iterators would spin on the failed database)
+    let t = Instant::now();
+    let list = rt.block_on(async {
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            c.secrets.list(pb::ListRequest {
+                prefix: "app".into(),
+                ..Default::default()
+            }),
+        )
+        .await
+    });
+    let took = t.elapsed();
+    let code = match list {
+        Ok(Ok(_)) => tonic::Code::Ok,
+        Ok(Err(s)) => s.code(),
+        Err(_) => tonic::Code::DeadlineExceeded,
+    };
+    println!("  full disk: list -> {code:?} in {took:?}");
+    assert!(took < Duration::from_secs(10) && code == tonic::Code::ResourceExhausted);
+    let t = Instant::now();
+    let q = d
+        .cli(&["audit", "query", "--op", "secret.put", "--json"])
+        .output()
+        .unwrap();
+    println!(
+        "  full disk: audit query -> exit {:?} in {:?}",
+        q.status.code(),
+        t.elapsed()
+    );
+    assert!(t.elapsed() < Duration::from_secs(10), "audit query hung");
+    assert!(
+        String::from_utf8_lossy(&q.stderr).contains("restart keyseald"),
+        "{}",
+        String::from_utf8_lossy(&q.stderr)
+    );
     let st = status_json(&d);
     println!("status on a full disk: {}", st["audit"]);
     assert!(st["audit"]["failures"].as_u64().unwrap() >= 6, "{st}");

@@ -52,9 +52,15 @@ fn audit_err(e: crate::audit::AuditError) -> Status {
 
 impl AuditService {
     fn log(&self) -> Result<Arc<AuditLog>, Status> {
-        self.state.audit.clone().ok_or_else(|| {
+        let log = self.state.audit.clone().ok_or_else(|| {
             Status::failed_precondition("auditing is disabled (audit.unsafe_disable)")
-        })
+        })?;
+        // sled iterators spin on a database that failed a write: refuse
+        // reading the log until keyseald restarts.
+        if log.store_failed() {
+            return Err(DaemonState::store_failed_status());
+        }
+        Ok(log)
     }
 }
 

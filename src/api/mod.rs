@@ -337,9 +337,36 @@ impl DaemonState {
         }
     }
 
+    /// Whether a store write failed with an I/O error (a full disk) since
+    /// start: sled then refuses writes until keyseald restarts, and its
+    /// iterators spin, so store work is refused up front.
+    pub fn store_failed(&self) -> bool {
+        self.audit.as_ref().is_some_and(|a| a.store_failed())
+    }
+
+    /// The answer to store work while [`DaemonState::store_failed`].
+    pub fn store_failed_status() -> Status {
+        Status::resource_exhausted(
+            "the store stopped writing after an I/O error (disk full?); free disk space, then restart keyseald",
+        )
+    }
+
     /// Runs blocking store work off the async runtime, bounded by the
     /// request timeout (DEADLINE_EXCEEDED instead of piling up).
+    /// RESOURCE_EXHAUSTED at once while [`DaemonState::store_failed`].
     pub async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&SecretStore) -> Result<T, SecretsError> + Send + 'static,
+    ) -> Result<T, Status> {
+        if self.store_failed() {
+            return Err(Self::store_failed_status());
+        }
+        self.blocking_unguarded(f).await
+    }
+
+    /// [`DaemonState::blocking`] even while the store has failed: only for
+    /// work that avoids iterating the store (`system.status`).
+    pub async fn blocking_unguarded<T: Send + 'static>(
         &self,
         f: impl FnOnce(&SecretStore) -> Result<T, SecretsError> + Send + 'static,
     ) -> Result<T, Status> {

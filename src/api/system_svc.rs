@@ -40,7 +40,7 @@ impl System for SystemService {
             let store_failed = st.audit.as_ref().is_some_and(|a| a.store_failed());
             let (root_state, count, stats, backend) = self
                 .state
-                .blocking(move |s| {
+                .blocking_unguarded(move |s| {
                     Ok((
                         s.store().root_state()?,
                         if store_failed { 0 } else { s.count() as u64 },
