@@ -55,8 +55,8 @@
 //!
 //! `secret:read`, `secret:write`, `secret:delete`, `secret:destroy`,
 //! `key:sign`, `key:admin`, `apikey:verify`, `apikey:admin`, `proxy:use`,
-//! `proxy:admin` are scoped to names and need `names`. `system:admin` and
-//! `audit:read` are *system* capabilities: they concern the daemon as a
+//! `proxy:admin` are scoped to names and need `names`. `system:admin`,
+//! `audit:read` and `audit:prune` are *system* capabilities: they concern the daemon as a
 //! whole, a rule granting them must not have `names`, and it may not mix
 //! them with name-scoped capabilities (split such a rule in two).
 //! [`Policy::check`] ignores the name for them.
@@ -124,17 +124,19 @@ pub enum Capability {
     ApiKeyAdmin,
     ProxyUse,
     ProxyAdmin,
+    AuditPrune,
 }
 
 impl Capability {
     /// Every capability, in documentation order.
-    pub const ALL: [Capability; 12] = [
+    pub const ALL: [Capability; 13] = [
         Capability::SecretRead,
         Capability::SecretWrite,
         Capability::SecretDelete,
         Capability::SecretDestroy,
         Capability::SystemAdmin,
         Capability::AuditRead,
+        Capability::AuditPrune,
         Capability::KeySign,
         Capability::KeyAdmin,
         Capability::ApiKeyVerify,
@@ -152,6 +154,7 @@ impl Capability {
             Capability::SecretDestroy => "secret:destroy",
             Capability::SystemAdmin => "system:admin",
             Capability::AuditRead => "audit:read",
+            Capability::AuditPrune => "audit:prune",
             Capability::KeySign => "key:sign",
             Capability::KeyAdmin => "key:admin",
             Capability::ApiKeyVerify => "apikey:verify",
@@ -162,9 +165,12 @@ impl Capability {
     }
 
     /// True for capabilities on the daemon as a whole (`system:admin`,
-    /// `audit:read`), which are not scoped to names.
+    /// `audit:read`, `audit:prune`), which are not scoped to names.
     pub fn is_system(self) -> bool {
-        matches!(self, Capability::SystemAdmin | Capability::AuditRead)
+        matches!(
+            self,
+            Capability::SystemAdmin | Capability::AuditRead | Capability::AuditPrune
+        )
     }
 
     fn bit(self) -> u16 {

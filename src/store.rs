@@ -36,7 +36,12 @@ pub enum StoreError {
 impl From<sled::Error> for StoreError {
     fn from(e: sled::Error) -> Self {
         match e {
-            sled::Error::Io(io) if io.raw_os_error() == Some(28) => {
+            // sled hands out clones of the error that stopped it, which
+            // keep the kind and the original's Debug text but not the OS
+            // code (`ErrorKind::StorageFull` is newer than our MSRV).
+            sled::Error::Io(io)
+                if io.raw_os_error() == Some(28) || format!("{io:?}").contains("code: 28,") =>
+            {
                 StoreError::NoSpace(io.to_string())
             }
             other => StoreError::Io(other.to_string()),

@@ -522,6 +522,7 @@ fn capability_strings() {
             "secret:destroy",
             "system:admin",
             "audit:read",
+            "audit:prune",
             "key:sign",
             "key:admin",
             "apikey:verify",

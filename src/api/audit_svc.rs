@@ -1,5 +1,6 @@
-//! `keyseal.v1.Audit`: export signed bundles, query, tail, and the audit
-//! HMAC of sensitive identifiers. Everything needs `audit:read`.
+//! `keyseal.v1.Audit`: export signed bundles, query, tail, the audit HMAC
+//! of sensitive identifiers (all need `audit:read`), and prune exported
+//! events (needs `audit:prune`).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -38,18 +39,28 @@ fn opt(v: u64) -> Option<u64> {
 }
 
 fn audit_err(e: crate::audit::AuditError) -> Status {
-    if e.is_unavailable() {
-        Status::unavailable(e.to_string())
-    } else {
-        Status::internal(e.to_string())
+    use crate::audit::AuditError as E;
+    match e {
+        E::NotExported { .. } | E::Pruned(_) => Status::failed_precondition(e.to_string()),
+        E::InvalidArgument(m) => Status::invalid_argument(m),
+        E::Corrupt(_) => Status::data_loss(e.to_string()),
+        e if e.is_no_space() => Status::resource_exhausted(e.to_string()),
+        e if e.is_unavailable() => Status::unavailable(e.to_string()),
+        e => Status::internal(e.to_string()),
     }
 }
 
 impl AuditService {
     fn log(&self) -> Result<Arc<AuditLog>, Status> {
-        self.state.audit.clone().ok_or_else(|| {
+        let log = self.state.audit.clone().ok_or_else(|| {
             Status::failed_precondition("auditing is disabled (audit.unsafe_disable)")
-        })
+        })?;
+        // sled iterators spin on a database that failed a write: refuse
+        // reading the log until keyseald restarts.
+        if log.store_failed() {
+            return Err(DaemonState::store_failed_status());
+        }
+        Ok(log)
     }
 }
 
@@ -89,10 +100,7 @@ impl Audit for AuditService {
                         .tempdir()
                         .map_err(|e| Status::internal(format!("temp dir: {e}")))?;
                     let out = dir.path().join("bundle");
-                    log.export(&opts, &out).map_err(|e| match e {
-                        crate::audit::AuditError::InvalidArgument(m) => Status::invalid_argument(m),
-                        other => audit_err(other),
-                    })?;
+                    log.export(&opts, &out).map_err(audit_err)?;
                     let mut files = Vec::new();
                     let mut entries: Vec<_> = std::fs::read_dir(&out)
                         .map_err(|e| Status::internal(e.to_string()))?
@@ -258,6 +266,54 @@ impl Audit for AuditService {
             }))
         }
         .await;
+        self.state.audited(audit, res).await
+    }
+
+    async fn prune(
+        &self,
+        req: Request<pb::AuditPruneRequest>,
+    ) -> Result<Response<pb::AuditPruneResponse>, Status> {
+        let through = req.get_ref().through_size;
+        let mut audit = self
+            .state
+            .audit_ctx(&req, "audit.prune", None)
+            .detail("through_size", through.to_string());
+        let res: Result<Response<pb::AuditPruneResponse>, Status> = async {
+            let who = caller(&req)?;
+            self.state
+                .authorize(&who, Capability::AuditPrune, AUDIT_RESOURCE)?;
+            let log = self.log()?;
+            let r = self
+                .state
+                .run_blocking(move || {
+                    let exported = log.exported_size().map_err(audit_err)?;
+                    let target = if through == 0 { exported } else { through };
+                    let size = log.head().size;
+                    if target > size {
+                        return Err(Status::invalid_argument(format!(
+                            "through_size {target} is larger than the log ({size} events)"
+                        )));
+                    }
+                    let p = log
+                        .prune_before(target.saturating_add(1))
+                        .map_err(audit_err)?;
+                    Ok(pb::AuditPruneResponse {
+                        pruned: p.pruned,
+                        events_removed: p.events_removed,
+                        first_seq: log.first_seq(),
+                        exported_size: exported,
+                        tree_size: log.head().size,
+                    })
+                })
+                .await?;
+            Ok(Response::new(r))
+        }
+        .await;
+        if let Ok(r) = &res {
+            audit = audit
+                .detail("pruned", r.get_ref().pruned.to_string())
+                .detail("events_removed", r.get_ref().events_removed.to_string());
+        }
         self.state.audited(audit, res).await
     }
 }

@@ -75,6 +75,15 @@ pub struct AuditCtx {
     op: &'static str,
     target: Option<String>,
     request_id: String,
+    detail: Vec<(&'static str, String)>,
+}
+
+impl AuditCtx {
+    /// Adds a fact to the request's event (`detail`; never a secret).
+    pub fn detail(mut self, key: &'static str, value: impl Into<String>) -> Self {
+        self.detail.push((key, value.into()));
+        self
+    }
 }
 
 /// gRPC code names as in the gRPC spec (audit `code` field).
@@ -149,6 +158,7 @@ impl DaemonState {
             op,
             target,
             request_id: format!("c{conn}-r{n}"),
+            detail: Vec::new(),
         }
     }
 
@@ -157,18 +167,39 @@ impl DaemonState {
     /// made durable within the audit deadline, the request fails with
     /// UNAVAILABLE instead: nothing is answered unaudited.
     pub async fn audited<T>(&self, ctx: AuditCtx, res: Result<T, Status>) -> Result<T, Status> {
-        let Some(audit) = &self.audit else { return res };
-        let (outcome, code) = match &res {
-            Result::Ok(_) => (crate::audit::Outcome::Ok, None),
-            Err(s)
-                if matches!(
-                    s.code(),
-                    tonic::Code::PermissionDenied | tonic::Code::Unauthenticated
-                ) =>
-            {
-                (crate::audit::Outcome::Denied, Some(code_name(s.code())))
-            }
-            Err(s) => (crate::audit::Outcome::Error, Some(code_name(s.code()))),
+        let (outcome, code) = outcome_of(&res);
+        match self.record(ctx, outcome, code).await {
+            Result::Ok(()) => res,
+            Err(s) => Err(s),
+        }
+    }
+
+    /// Like [`DaemonState::audited`], but answers even when the event
+    /// cannot be written. Only for `system.status`: the one read that must
+    /// work while the audit log is failing (it shows the failure count and
+    /// the last audit error) and that reveals no secret or name. The failed
+    /// attempt is still counted in the audit statistics.
+    pub async fn audited_best_effort<T>(
+        &self,
+        ctx: AuditCtx,
+        res: Result<T, Status>,
+    ) -> Result<T, Status> {
+        let op = ctx.op;
+        let (outcome, code) = outcome_of(&res);
+        if let Err(e) = self.record(ctx, outcome, code).await {
+            tracing::warn!(error = %e.message(), op, "answered without an audit record");
+        }
+        res
+    }
+
+    async fn record(
+        &self,
+        ctx: AuditCtx,
+        outcome: crate::audit::Outcome,
+        code: Option<&'static str>,
+    ) -> Result<(), Status> {
+        let Some(audit) = &self.audit else {
+            return Result::Ok(());
         };
         let mut ev = crate::audit::NewEvent::new(now_ms(), ctx.actor, ctx.op)
             .outcome(outcome, code)
@@ -176,15 +207,59 @@ impl DaemonState {
         if let Some(t) = ctx.target {
             ev = ev.target(t);
         }
+        for (k, v) in ctx.detail {
+            ev = ev.detail(k, v);
+        }
         match audit.append(ev).await {
-            Result::Ok(_) => res,
+            Result::Ok(_) => Result::Ok(()),
             Err(e) => {
                 tracing::error!(error = %e, op = ctx.op, "audit append failed; failing the request");
-                Err(Status::unavailable(format!(
-                    "the audit log could not record this request ({e}); nothing is answered unaudited"
-                )))
+                Err(audit_failure_status(&e))
             }
         }
+    }
+
+    /// Records `root.rotate.completed` (details `from_version`,
+    /// `to_version`, `rewrapped`, `resumed`) when a root rotation finished:
+    /// one asked for over the API, or an interrupted one that keyseald
+    /// resumed at start. A resumed rotation's `from` as reported by the
+    /// store is already the new version; the version rotated from is then
+    /// the newest retired one below `to`.
+    pub async fn audit_rotation_completed(
+        &self,
+        from: u32,
+        to: u32,
+        rewrapped: u64,
+        resumed: bool,
+    ) {
+        let mut from = from;
+        if from == to {
+            let s = self.secrets.clone();
+            let prev = tokio::task::spawn_blocking(move || {
+                s.store()
+                    .root_state()
+                    .ok()
+                    .flatten()
+                    .and_then(|st| st.retired.into_iter().filter(|v| *v < to).max())
+            })
+            .await
+            .ok()
+            .flatten();
+            if let Some(p) = prev {
+                from = p;
+            }
+        }
+        self.audit_lifecycle(
+            "root.rotate.completed",
+            crate::audit::Outcome::Ok,
+            &[
+                ("from_version", from.to_string()),
+                ("to_version", to.to_string()),
+                ("rewrapped", rewrapped.to_string()),
+                ("resumed", resumed.to_string()),
+            ],
+        )
+        .await;
     }
 
     /// Records a daemon lifecycle event (start, stop, policy reload, root
@@ -207,6 +282,35 @@ impl DaemonState {
         if let Err(e) = audit.append(ev).await {
             tracing::error!(error = %e, op, "audit append of a lifecycle event failed");
         }
+    }
+}
+
+/// The outcome and status code name an answer is recorded with.
+fn outcome_of<T>(res: &Result<T, Status>) -> (crate::audit::Outcome, Option<&'static str>) {
+    match res {
+        Result::Ok(_) => (crate::audit::Outcome::Ok, None),
+        Err(s)
+            if matches!(
+                s.code(),
+                tonic::Code::PermissionDenied | tonic::Code::Unauthenticated
+            ) =>
+        {
+            (crate::audit::Outcome::Denied, Some(code_name(s.code())))
+        }
+        Err(s) => (crate::audit::Outcome::Error, Some(code_name(s.code()))),
+    }
+}
+
+/// The answer to a request whose audit event could not be made durable:
+/// RESOURCE_EXHAUSTED when the store's disk is full, UNAVAILABLE otherwise
+/// (deadline, queue full, closed, other write errors).
+pub fn audit_failure_status(e: &crate::audit::AuditError) -> Status {
+    let msg =
+        format!("the audit log could not record this request ({e}); nothing is answered unaudited");
+    if e.is_no_space() {
+        Status::resource_exhausted(msg)
+    } else {
+        Status::unavailable(msg)
     }
 }
 
@@ -233,9 +337,36 @@ impl DaemonState {
         }
     }
 
+    /// Whether a store write failed with an I/O error (a full disk) since
+    /// start: sled then refuses writes until keyseald restarts, and its
+    /// iterators spin, so store work is refused up front.
+    pub fn store_failed(&self) -> bool {
+        self.audit.as_ref().is_some_and(|a| a.store_failed())
+    }
+
+    /// The answer to store work while [`DaemonState::store_failed`].
+    pub fn store_failed_status() -> Status {
+        Status::resource_exhausted(
+            "the store stopped writing after an I/O error (disk full?); free disk space, then restart keyseald",
+        )
+    }
+
     /// Runs blocking store work off the async runtime, bounded by the
     /// request timeout (DEADLINE_EXCEEDED instead of piling up).
+    /// RESOURCE_EXHAUSTED at once while [`DaemonState::store_failed`].
     pub async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&SecretStore) -> Result<T, SecretsError> + Send + 'static,
+    ) -> Result<T, Status> {
+        if self.store_failed() {
+            return Err(Self::store_failed_status());
+        }
+        self.blocking_unguarded(f).await
+    }
+
+    /// [`DaemonState::blocking`] even while the store has failed: only for
+    /// work that avoids iterating the store (`system.status`).
+    pub async fn blocking_unguarded<T: Send + 'static>(
         &self,
         f: impl FnOnce(&SecretStore) -> Result<T, SecretsError> + Send + 'static,
     ) -> Result<T, Status> {

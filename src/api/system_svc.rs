@@ -35,12 +35,15 @@ impl System for SystemService {
             self.state
                 .authorize(&who, Capability::SystemAdmin, SYSTEM_RESOURCE)?;
             let st = self.state.clone();
+            // After a failed store write (a full disk) sled refuses writes
+            // until restarted and its iterators spin: do not count then.
+            let store_failed = st.audit.as_ref().is_some_and(|a| a.store_failed());
             let (root_state, count, stats, backend) = self
                 .state
-                .blocking(move |s| {
+                .blocking_unguarded(move |s| {
                     Ok((
                         s.store().root_state()?,
-                        s.count() as u64,
+                        if store_failed { 0 } else { s.count() as u64 },
                         s.envelope().stats(),
                         s.envelope().root().kind(),
                     ))
@@ -82,7 +85,7 @@ impl System for SystemService {
             }))
         }
         .await;
-        self.state.audited(audit, res).await
+        self.state.audited_best_effort(audit, res).await
     }
 
     type RotateRootStream = ProgressStream;
@@ -99,30 +102,38 @@ impl System for SystemService {
             let (tx, rx) = tokio::sync::mpsc::channel(16);
             let secrets = self.state.secrets.clone();
             tracing::info!(caller = %who.identity.display_short(), "root rotation requested");
-            tokio::task::spawn_blocking(move || {
-                let mut last = std::time::Instant::now();
-                let out = secrets.rotate_root(&mut |p| {
-                    // Throttle to ~20 updates/s; a gone client does not stop the rotation.
-                    if last.elapsed().as_millis() >= 50 || p.done == p.total {
-                        last = std::time::Instant::now();
-                        let _ = tx.blocking_send(Ok(pb::RotateRootProgress {
-                            from_version: p.from,
-                            to_version: p.to,
-                            done: p.done,
-                            total: p.total,
-                            rewrapped: p.rewrapped,
-                            completed: false,
-                        }));
-                    }
-                    ControlFlow::Continue(())
-                });
+            let state = self.state.clone();
+            let progress_tx = tx.clone();
+            tokio::spawn(async move {
+                let out = tokio::task::spawn_blocking(move || {
+                    let mut last = std::time::Instant::now();
+                    secrets.rotate_root(&mut |p| {
+                        // Throttle to ~20 updates/s; a gone client does not stop the rotation.
+                        if last.elapsed().as_millis() >= 50 || p.done == p.total {
+                            last = std::time::Instant::now();
+                            let _ = progress_tx.blocking_send(Ok(pb::RotateRootProgress {
+                                from_version: p.from,
+                                to_version: p.to,
+                                done: p.done,
+                                total: p.total,
+                                rewrapped: p.rewrapped,
+                                completed: false,
+                            }));
+                        }
+                        ControlFlow::Continue(())
+                    })
+                })
+                .await;
                 let msg = match out {
-                    Ok(RotationOutcome::Completed {
+                    Ok(Ok(RotationOutcome::Completed {
                         from,
                         to,
                         rewrapped,
-                    }) => {
+                    })) => {
                         tracing::info!(from, to, rewrapped, "root rotation completed");
+                        state
+                            .audit_rotation_completed(from, to, rewrapped, from == to)
+                            .await;
                         Ok(pb::RotateRootProgress {
                             from_version: from,
                             to_version: to,
@@ -132,15 +143,16 @@ impl System for SystemService {
                             completed: true,
                         })
                     }
-                    Ok(RotationOutcome::Interrupted { to, .. }) => Err(Status::aborted(format!(
-                        "rotation to v{to} was interrupted; run it again to resume"
-                    ))),
-                    Err(e) => {
+                    Ok(Ok(RotationOutcome::Interrupted { to, .. })) => Err(Status::aborted(
+                        format!("rotation to v{to} was interrupted; run it again to resume"),
+                    )),
+                    Ok(Err(e)) => {
                         tracing::error!(error = %e, "root rotation failed");
                         Err(status_of(e))
                     }
+                    Err(_) => Err(Status::internal("the rotation worker failed")),
                 };
-                let _ = tx.blocking_send(msg);
+                let _ = tx.send(msg).await;
             });
             Ok(Response::new(
                 Box::pin(ReceiverStream::new(rx)) as Self::RotateRootStream

@@ -245,8 +245,9 @@ fn selection(r: &EventRange) -> String {
 
 impl AuditLog {
     /// Writes an export bundle into `out` (created; must not exist or be
-    /// empty). Makes a fresh checkpoint, and records it as exported (which
-    /// allows pruning up to it). Blocking: call from `spawn_blocking`.
+    /// empty). Makes a fresh checkpoint, and records what the bundle
+    /// covered as exported (which allows pruning up to it: see
+    /// [`AuditLog::exported_size`]). Blocking: call from `spawn_blocking`.
     pub fn export(&self, opts: &ExportOptions, out: &Path) -> Result<ExportSummary, AuditError> {
         let sh = self.shared();
         if out.exists() {
@@ -457,7 +458,7 @@ impl AuditLog {
         let sig = sh.sign(&manifest_bytes)?;
         write_file(out, MANIFEST_FILE, &manifest_bytes)?;
         write_file(out, MANIFEST_SIG_FILE, &sig)?;
-        sh.mark_exported(n)?;
+        sh.mark_exported(range, n)?;
         Ok(ExportSummary {
             dir: out.to_path_buf(),
             first_seq: range.map(|r| r.0),

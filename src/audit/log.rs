@@ -126,6 +126,10 @@ pub struct AuditStats {
     pub exported_size: u64,
     /// Events `1..=pruned` were pruned.
     pub pruned: u64,
+    /// A write to the store failed with an I/O error (e.g. a full disk).
+    /// sled then refuses every write until the database is reopened:
+    /// keyseald must be restarted (after freeing space).
+    pub store_failed: bool,
 }
 
 /// Injected faults, for tests and failure drills.
@@ -245,6 +249,7 @@ pub(crate) struct Shared {
     last_error: Mutex<Option<String>>,
     fault: AtomicU8,
     closing: AtomicBool,
+    store_failed: AtomicBool,
     last_checkpoint_size: AtomicU64,
     checkpoint_lock: Mutex<()>,
     prune_lock: Mutex<()>,
@@ -399,6 +404,7 @@ impl AuditLog {
             last_error: Mutex::new(None),
             fault: AtomicU8::new(0),
             closing: AtomicBool::new(false),
+            store_failed: AtomicBool::new(false),
             last_checkpoint_size: AtomicU64::new(last_checkpoint_size),
             checkpoint_lock: Mutex::new(()),
             prune_lock: Mutex::new(()),
@@ -554,7 +560,16 @@ impl AuditLog {
             last_checkpoint_size: self.shared.last_checkpoint_size.load(Ordering::Relaxed),
             exported_size: self.shared.exported_size().unwrap_or(0),
             pruned: self.shared.pruned.read().size,
+            store_failed: self.store_failed(),
         }
+    }
+
+    /// Whether a write to the store failed with an I/O error since open
+    /// (see [`AuditStats::store_failed`]): the store's database is then
+    /// unusable until keyseald restarts, and iterating it must be avoided
+    /// (sled 0.34 iterators spin on a failed database).
+    pub fn store_failed(&self) -> bool {
+        self.shared.store_failed.load(Ordering::SeqCst)
     }
 
     /// Signs and stores a checkpoint of the current durable tree (`now`:
@@ -658,6 +673,12 @@ impl AuditLog {
     pub fn consistency_proof(&self, old: u64, new: u64) -> Result<Vec<Hash>, AuditError> {
         self.shared.check_size(new)?;
         consistency_proof(&mut |id| self.shared.node(id), old, new).map_err(merkle_err)
+    }
+
+    /// Events `1..=n` have all been in some export bundle (with a signed
+    /// checkpoint covering them): pruning may go up to `n`.
+    pub fn exported_size(&self) -> Result<u64, AuditError> {
+        self.shared.exported_size()
     }
 
     /// Deletes events `1..seq` (exclusive), keeping the compact range of
@@ -866,14 +887,32 @@ impl Shared {
         })
     }
 
-    /// Records that a checkpoint of `size` was exported (kept: the largest).
-    pub(crate) fn mark_exported(&self, size: u64) -> Result<(), AuditError> {
+    /// Records what an export bundle covered: events `range` (inclusive)
+    /// with a signed checkpoint of `size`. The exported size grows to the
+    /// bundle's last event only when the bundle starts at or before the
+    /// first event not yet exported, so that events `1..=exported size` have
+    /// all been in some bundle, each with a checkpoint that covers them. A
+    /// bundle of a later time range alone allows no pruning.
+    pub(crate) fn mark_exported(
+        &self,
+        range: Option<(u64, u64)>,
+        size: u64,
+    ) -> Result<(), AuditError> {
+        let Some((first, last)) = range else {
+            return Ok(());
+        };
+        let last = last.min(size);
         self.t.meta.update_and_fetch(META_EXPORTED, |old| {
             let cur = old
                 .and_then(|v| v.try_into().ok())
                 .map(u64::from_be_bytes)
                 .unwrap_or(0);
-            Some(cur.max(size).to_be_bytes().to_vec())
+            let next = if first <= cur.saturating_add(1) {
+                cur.max(last)
+            } else {
+                cur
+            };
+            Some(next.to_be_bytes().to_vec())
         })?;
         self.db.flush()?;
         Ok(())
@@ -1171,7 +1210,7 @@ fn commit(sh: &Shared, tree: &mut TreeMeta, unflushed: &mut bool, batch: Vec<Box
         Ok(())
     })();
     if let Err(e) = written {
-        fail_replies(sh, replies, &crate::store::StoreError::from(e).to_string());
+        fail_replies_store(sh, replies, e);
         return;
     }
     let wrote = Instant::now();
@@ -1185,8 +1224,7 @@ fn commit(sh: &Shared, tree: &mut TreeMeta, unflushed: &mut bool, batch: Vec<Box
         .flush_micros
         .fetch_add(micros(wrote.elapsed()), Ordering::Relaxed);
     if let Err(e) = flushed {
-        let msg = crate::store::StoreError::from(e).to_string();
-        fail_replies(sh, replies, &msg);
+        fail_replies_store(sh, replies, e);
         return;
     }
     *unflushed = false;
@@ -1213,10 +1251,27 @@ fn fail_batch(sh: &Shared, batch: Vec<Box<Request>>, msg: &str) {
 }
 
 fn fail_replies(sh: &Shared, replies: Vec<(Reply, u64)>, msg: &str) {
+    fail_replies_with(sh, replies, &|| AuditError::Write(msg.to_owned()));
+}
+
+/// Fails a batch on a sled error: a full disk as [`AuditError::NoSpace`].
+fn fail_replies_store(sh: &Shared, replies: Vec<(Reply, u64)>, e: sled::Error) {
+    if matches!(e, sled::Error::Io(_)) {
+        sh.store_failed.store(true, Ordering::SeqCst);
+    }
+    match crate::store::StoreError::from(e) {
+        crate::store::StoreError::NoSpace(m) => {
+            fail_replies_with(sh, replies, &|| AuditError::NoSpace(m.clone()))
+        }
+        other => fail_replies(sh, replies, &other.to_string()),
+    }
+}
+
+fn fail_replies_with(sh: &Shared, replies: Vec<(Reply, u64)>, err: &dyn Fn() -> AuditError) {
     sh.counters.write_errors.fetch_add(1, Ordering::Relaxed);
-    sh.record_error(format!("audit write: {msg}"));
+    sh.record_error(err().to_string());
     for (reply, _) in replies {
-        reply.send(Err(AuditError::Write(msg.to_owned())));
+        reply.send(Err(err()));
     }
 }
 

@@ -87,6 +87,11 @@ pub enum AuditError {
     /// Writing or flushing the batch failed (UNAVAILABLE).
     #[error("audit log write failed: {0}")]
     Write(String),
+    /// The store's disk is full (RESOURCE_EXHAUSTED). sled stops writing
+    /// after an I/O error until the database is reopened, so keyseald must
+    /// be restarted once space was freed.
+    #[error("audit log write failed: the store is out of space ({0}); free disk space, then restart keyseald")]
+    NoSpace(String),
     /// A caller built an invalid event (INVALID_ARGUMENT; a bug in the caller).
     #[error("invalid audit event: {0}")]
     InvalidEvent(String),
@@ -94,7 +99,7 @@ pub enum AuditError {
     #[error("{0}")]
     InvalidArgument(String),
     /// Pruning past what was exported (FAILED_PRECONDITION).
-    #[error("cannot prune events before seq {requested}: only events up to seq {exported} are covered by an exported checkpoint; export first")]
+    #[error("cannot prune through seq {}: only events up to seq {exported} were exported (in a bundle, with a signed checkpoint covering them); export first", .requested.saturating_sub(1))]
     NotExported { requested: u64, exported: u64 },
     /// The events asked for were pruned (FAILED_PRECONDITION).
     #[error("events before seq {0} were pruned")]
@@ -129,6 +134,15 @@ impl AuditError {
                 | AuditError::QueueFull(_)
                 | AuditError::Closed
                 | AuditError::Write(_)
+                | AuditError::NoSpace(_)
+        )
+    }
+
+    /// Whether the event could not be written because the disk is full.
+    pub fn is_no_space(&self) -> bool {
+        matches!(
+            self,
+            AuditError::NoSpace(_) | AuditError::Store(StoreError::NoSpace(_))
         )
     }
 }

@@ -239,12 +239,28 @@ async fn run(
     if let Ok(Some(to)) = secrets.pending_rotation() {
         tracing::warn!(to, "resuming an interrupted root rotation");
         let s = secrets.clone();
-        tokio::task::spawn_blocking(move || {
-            match s.rotate_root(&mut |_| std::ops::ControlFlow::Continue(())) {
-                Ok(o) => tracing::info!(outcome = ?o, "resumed root rotation finished"),
-                Err(e) => {
+        let st = state.clone();
+        tokio::spawn(async move {
+            let out = tokio::task::spawn_blocking(move || {
+                s.rotate_root(&mut |_| std::ops::ControlFlow::Continue(()))
+            })
+            .await;
+            match out {
+                Ok(Ok(o)) => {
+                    tracing::info!(outcome = ?o, "resumed root rotation finished");
+                    if let keyseal::secrets::RotationOutcome::Completed {
+                        from,
+                        to,
+                        rewrapped,
+                    } = o
+                    {
+                        st.audit_rotation_completed(from, to, rewrapped, true).await;
+                    }
+                }
+                Ok(Err(e)) => {
                     tracing::error!(error = %e, "resumed root rotation failed; run `keyseal root rotate`")
                 }
+                Err(_) => tracing::error!("the resumed root rotation's worker failed"),
             }
         });
     }

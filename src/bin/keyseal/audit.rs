@@ -1,5 +1,6 @@
 //! `keyseal audit ...`: export signed bundles, verify them offline, tail,
-//! query, and look up the audit HMAC of a sensitive identifier.
+//! query, look up the audit HMAC of a sensitive identifier, and prune
+//! exported events.
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -67,6 +68,15 @@ pub enum Cmd {
     },
     /// Print the audit HMAC of a value read from stdin (to find it in the log).
     Hash,
+    /// Delete the oldest events, up to what was already exported (needs audit:prune).
+    Prune {
+        /// Delete events 1..=SIZE (a tree size; at most the exported size).
+        /// Default: everything already exported.
+        #[arg(long, value_name = "SIZE")]
+        through: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Parses unix seconds or an RFC 3339 UTC time (YYYY-MM-DDTHH:MM:SSZ) to unix millis.
@@ -287,6 +297,39 @@ pub async fn run(socket: &std::path::Path, c: Cmd) -> Res {
                     break;
                 }
                 req.after_seq = r.next_seq;
+            }
+            Ok(())
+        }
+        Cmd::Prune { through, json } => {
+            if through == Some(0) {
+                return Err(Failure::new(
+                    exit::USAGE,
+                    "--through must be at least 1 (omit it to prune everything exported)",
+                    None,
+                ));
+            }
+            let r = a
+                .prune(pb::AuditPruneRequest {
+                    through_size: through.unwrap_or(0),
+                })
+                .await?
+                .into_inner();
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "pruned": r.pruned,
+                        "events_removed": r.events_removed,
+                        "first_seq": r.first_seq,
+                        "exported_size": r.exported_size,
+                        "tree_size": r.tree_size,
+                    })
+                );
+            } else {
+                println!(
+                    "pruned events 1..={} ({} removed now); the log keeps seq {}..{} (exported through {})",
+                    r.pruned, r.events_removed, r.first_seq, r.tree_size, r.exported_size
+                );
             }
             Ok(())
         }
