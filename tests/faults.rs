@@ -7,7 +7,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -477,4 +477,205 @@ fn swtpm_paused_under_concurrent_load() {
         put(&mut c, "load/after", b"x").await.unwrap();
     });
     assert_eq!(d.pid(), Some(pid));
+}
+
+// ---------------------------------------------------------------------------
+// 3. PKCS#11: sessions closed from another handle, token directory hidden
+// ---------------------------------------------------------------------------
+
+/// The daemon's token, for a `pkcs11-tool` of our own.
+struct Token {
+    conf: PathBuf,
+    module: PathBuf,
+    label: String,
+    pin: String,
+    dir: PathBuf,
+}
+
+/// Objects on the token (kind and label), listed by a fresh `pkcs11-tool`
+/// process: its own SoftHSM2 instance reads the token directory anew.
+fn token_objects(t: &Token) -> Vec<String> {
+    let out = std::process::Command::new("pkcs11-tool")
+        .env("SOFTHSM2_CONF", &t.conf)
+        .arg("--module")
+        .arg(&t.module)
+        .args(["--token-label", &t.label, "--login", "--pin", &t.pin])
+        .arg("--list-objects")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "pkcs11-tool: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut objs = Vec::new();
+    let mut kind = String::new();
+    for l in text.lines() {
+        if l.contains(" Object;") {
+            kind = l.split(';').next().unwrap_or("").trim().to_owned();
+        } else if let Some(label) = l.trim().strip_prefix("label:") {
+            objs.push(format!("{kind}: {}", label.trim()));
+        }
+    }
+    objs.sort();
+    objs
+}
+
+fn code_of<T>(r: &Result<T, tonic::Status>) -> String {
+    match r {
+        Ok(_) => "OK".into(),
+        Err(s) => format!("{:?}: {}", s.code(), s.message()),
+    }
+}
+
+async fn create_key(c: &mut Client, name: &str) -> Result<(), tonic::Status> {
+    tokio::time::timeout(
+        HANG,
+        c.keys.create(pb::CreateKeyRequest {
+            name: name.into(),
+            algorithm: "ecdsa-p256".into(),
+        }),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("key create {name} hung for {HANG:?}"))
+    .map(|_| ())
+}
+
+#[test]
+fn pkcs11_sessions_closed_and_token_hidden() {
+    use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+    use cryptoki::session::UserType;
+    use cryptoki::types::AuthPin;
+    let mut d = TestDaemon::start_with(Backend::SoftHsm, ROOT_POLICY, "[cache]\ncapacity = 0\n");
+    let pid = d.pid().unwrap();
+    let t = match &d.device {
+        Device::SoftHsm(h) => Token {
+            conf: h.conf.clone(),
+            module: h.module.clone(),
+            label: h.token_label.clone(),
+            pin: h.pin.clone(),
+            dir: h.dir().to_owned(),
+        },
+        Device::Tpm(_) => unreachable!(),
+    };
+    let rt = rt();
+    let mut c = rt.block_on(Client::connect(&d.socket)).unwrap();
+    rt.block_on(async {
+        put(&mut c, "p/0", b"v0").await.unwrap();
+        create_key(&mut c, "k0").await.unwrap();
+    });
+    let before = token_objects(&t);
+    assert_eq!(
+        before.len(),
+        5,
+        "root key, audit key pair, k0 pair: {before:?}"
+    );
+
+    // (a) Another process logs in to the same token, logs out and closes
+    // its sessions. SOFTHSM2_CONF of this process already names the
+    // daemon's token directory (SoftHsm::new). PKCS#11 login state and
+    // sessions belong to the application (C_CloseAllSessions too; cryptoki
+    // 0.12 does not expose it), and SoftHSM2 lives inside each process, so
+    // this must not disturb the daemon.
+    let p11 = Pkcs11::new(&t.module).unwrap();
+    p11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+        .unwrap();
+    let slot = p11
+        .get_slots_with_initialized_token()
+        .unwrap()
+        .into_iter()
+        .find(|s| p11.get_token_info(*s).unwrap().label().trim_end() == t.label)
+        .unwrap();
+    for _ in 0..3 {
+        let s = p11.open_rw_session(slot).unwrap();
+        s.login(UserType::User, Some(&AuthPin::from(t.pin.clone())))
+            .unwrap();
+        s.logout().unwrap();
+        s.close().unwrap();
+    }
+    p11.finalize().unwrap();
+    rt.block_on(async {
+        let r = get(&mut c, "p/0").await;
+        assert_eq!(
+            r.unwrap(),
+            b"v0",
+            "another process's logout disturbed the daemon"
+        );
+        put(&mut c, "p/1", b"v1").await.unwrap();
+    });
+
+    // (b) The token directory disappears under the daemon (as root, chmod
+    // would not stop it), then comes back. Every request answers
+    // UNAVAILABLE at once, naming the token and the fix; nothing is half
+    // created on the token.
+    let tokens = t.dir.join("tokens");
+    let away = t.dir.join("tokens.away");
+    let check_unavailable = |c: &mut Client, phase: &str| {
+        rt.block_on(async {
+            for round in 0..3 {
+                let started = Instant::now();
+                let g = get(c, "p/0").await.map(|_| ());
+                let p = put(c, &format!("p/{phase}{round}"), b"x").await.map(|_| ());
+                let k = create_key(c, &format!("k{phase}{round}")).await;
+                let took = started.elapsed();
+                if round == 0 {
+                    eprintln!(
+                        "token {phase}: 3 requests answered in {took:?}: get {} | put {} | key create {}",
+                        code_of(&g),
+                        code_of(&p),
+                        code_of(&k)
+                    );
+                }
+                for (what, r) in [("get", &g), ("put", &p), ("key create", &k)] {
+                    match r {
+                        Err(s) if s.code() == Code::Unavailable => {}
+                        other => panic!("token {phase}: {what} answered {}", code_of(other)),
+                    }
+                }
+                for r in [&g, &p] {
+                    let m = r.as_ref().unwrap_err().message();
+                    assert!(
+                        m.contains("keyseal-root-v1") && m.contains("restore the token"),
+                        "token {phase}: {m}"
+                    );
+                }
+                assert!(took < Duration::from_secs(5), "token {phase}: took {took:?}");
+            }
+        })
+    };
+    std::fs::rename(&tokens, &away).unwrap();
+    check_unavailable(&mut c, "hidden");
+    std::fs::rename(&away, &tokens).unwrap();
+    // SoftHSM2 2.6.1 inside keyseald dropped the token's objects from its
+    // index when the directory vanished and does not pick them up again:
+    // still UNAVAILABLE, and the message says to restart keyseald.
+    check_unavailable(&mut c, "restored");
+    assert!(Path::new(&format!("/proc/{pid}")).exists(), "keyseald died");
+    assert_eq!(d.pid(), Some(pid));
+    let after = token_objects(&t);
+    assert_eq!(
+        after, before,
+        "the failed requests left objects on the token"
+    );
+
+    // A restart of keyseald (the documented fix) brings everything back.
+    d.stop();
+    d.spawn();
+    let mut c = rt.block_on(Client::connect(&d.socket)).unwrap();
+    rt.block_on(async {
+        assert_eq!(get(&mut c, "p/0").await.unwrap(), b"v0");
+        assert_eq!(get(&mut c, "p/1").await.unwrap(), b"v1");
+        put(&mut c, "p/2", b"v2").await.unwrap();
+        create_key(&mut c, "k1").await.unwrap();
+    });
+    let last = token_objects(&t);
+    assert_eq!(last.len(), before.len() + 2, "{last:?}");
+    assert!(log_ok(&d));
+}
+
+fn log_ok(d: &TestDaemon) -> bool {
+    let log = d.log_text();
+    assert!(!log.contains("panicked"), "keyseald panicked:\n{log}");
+    true
 }
