@@ -679,3 +679,128 @@ fn log_ok(d: &TestDaemon) -> bool {
     assert!(!log.contains("panicked"), "keyseald panicked:\n{log}");
     true
 }
+
+// ---------------------------------------------------------------------------
+// 4. Start-up faults against an initialised store: nothing written
+// ---------------------------------------------------------------------------
+
+/// Every file under `dir` with its length and sha256.
+fn snapshot(dir: &Path) -> BTreeMap<PathBuf, (u64, Vec<u8>)> {
+    use sha2::Digest;
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let bytes = std::fs::read(&p).unwrap();
+                out.insert(
+                    p.strip_prefix(dir).unwrap().to_owned(),
+                    (bytes.len() as u64, sha2::Sha256::digest(&bytes).to_vec()),
+                );
+            }
+        }
+    }
+    out
+}
+
+/// Runs keyseald on `d`'s config (bounded); asserts exit `code`, one
+/// `keyseald: ` line holding every needle, no socket, and the store
+/// byte-for-byte unchanged. Returns the fatal line.
+fn start_fails(d: &TestDaemon, code: i32, needles: &[&str]) -> String {
+    let store = d.dir().join("store");
+    let before = snapshot(&store);
+    assert!(!before.is_empty());
+    // the stopped daemon's stale sockets, if any, so that a new one shows
+    for s in [&d.socket, &d.creds_socket] {
+        let _ = std::fs::remove_file(s);
+    }
+    let err_path = d.dir().join("failed-start.stderr");
+    let mut child = std::process::Command::new(common::daemon::KEYSEALD)
+        .arg("--config")
+        .arg(&d.config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if started.elapsed() > HANG {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("keyseald did not exit within {HANG:?} on a start-up fault");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let took = started.elapsed();
+    let err = std::fs::read_to_string(&err_path).unwrap();
+    assert_eq!(status.code(), Some(code), "stderr:\n{err}");
+    let fatal: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("keyseald: "))
+        .collect();
+    assert_eq!(fatal.len(), 1, "one `keyseald: ` line expected:\n{err}");
+    for n in needles {
+        assert!(fatal[0].contains(n), "{n:?} missing from: {}", fatal[0]);
+    }
+    assert!(!d.socket.exists(), "a socket was created");
+    assert!(!d.creds_socket.exists(), "a credentials socket was created");
+    assert_eq!(snapshot(&store), before, "the store changed");
+    eprintln!("exit {code} after {took:?}: {}", fatal[0]);
+    fatal[0].to_owned()
+}
+
+#[test]
+fn startup_faults_leave_an_initialised_store_untouched() {
+    use keyseal::exit;
+    let mut codes = Vec::new();
+
+    // PKCS#11: wrong PIN, then a token label that does not exist
+    let mut d = TestDaemon::start(Backend::SoftHsm, ROOT_POLICY);
+    d.put("s/1", b"one");
+    d.stop();
+    let pin_path = d.dir().join("pin");
+    let pin = std::fs::read(&pin_path).unwrap();
+    std::fs::write(&pin_path, "not-the-pin").unwrap();
+    let line = start_fails(&d, exit::NO_PERM, &["wrong user PIN", "pin_file"]);
+    assert!(!line.contains("not-the-pin"));
+    codes.push(exit::NO_PERM);
+    std::fs::write(&pin_path, &pin).unwrap();
+    let cfg = std::fs::read_to_string(&d.config).unwrap();
+    std::fs::write(
+        &d.config,
+        cfg.replace("token_label = \"keyseal-test\"", "token_label = \"gone\""),
+    )
+    .unwrap();
+    start_fails(&d, exit::CONFIG, &["'gone'", "fix root.pkcs11.token_label"]);
+    codes.push(exit::CONFIG);
+    std::fs::write(&d.config, cfg).unwrap();
+    d.spawn();
+    assert_eq!(d.get("s/1"), b"one");
+    d.stop();
+
+    // TPM: nothing listens on the configured port
+    let mut d = TestDaemon::start(Backend::Tpm, ROOT_POLICY);
+    d.put("s/1", b"one");
+    d.stop();
+    swtpm(&mut d).kill();
+    let tcti = swtpm(&mut d).tcti();
+    start_fails(
+        &d,
+        exit::UNAVAILABLE,
+        &["cannot reach TPM", &tcti, "[root.tpm]"],
+    );
+    codes.push(exit::UNAVAILABLE);
+    swtpm(&mut d).restart().unwrap();
+    d.spawn();
+    assert_eq!(d.get("s/1"), b"one");
+
+    codes.sort();
+    codes.dedup();
+    assert_eq!(codes.len(), 3, "each fault has its own exit code");
+}
