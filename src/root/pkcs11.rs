@@ -9,6 +9,9 @@
 //! creation, so key creation and destruction take `create_lock`.
 //! A session that the token invalidated (token removed, sessions closed from
 //! another handle) is dropped and the call retried once on a fresh session.
+//! A cached object handle that turned stale (`CKR_OBJECT_HANDLE_INVALID`,
+//! e.g. the token's storage changed under the process) is forgotten and the
+//! key looked up once more; a key that is gone is UNAVAILABLE, never DATA_LOSS.
 //!
 //! Signing keys are token key pairs labelled (and CKA_ID'd) with the caller's
 //! label; the private half is private, sensitive, non-extractable and
