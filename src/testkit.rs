@@ -53,6 +53,11 @@ impl Swtpm {
         self.dir.path()
     }
 
+    /// The simulator's process id (fault tests pause it with SIGSTOP).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Kills the simulator (SIGKILL) and reaps it. Idempotent.
     pub fn kill(&mut self) {
         swtpm_reap(&mut self.child);

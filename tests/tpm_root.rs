@@ -429,11 +429,9 @@ fn reconnects_after_swtpm_restart() {
     let (mut tpm, root) = started();
     let dek = Dek::generate();
     let w = root.wrap(1, &dek, b"id").unwrap();
+    // Restarted between two calls: the next call finds its connection
+    // stale, reconnects and retries once, so it succeeds.
     tpm.restart().unwrap();
-    match root.unwrap(&w, b"id") {
-        Err(RootError::Unavailable(m)) => assert!(m.to_lowercase().contains("tcti"), "{m}"),
-        other => panic!("expected Unavailable, got {other:?}"),
-    }
     assert_eq!(root.unwrap(&w, b"id").unwrap().expose(), dek.expose());
 
     // While it is down every call fails fast with Unavailable, and it
@@ -520,9 +518,12 @@ fn objects_flushed_behind_our_back() {
     let w = root.wrap(1, &dek, b"id").unwrap();
     // Another client flushes every transient object (our cached primary).
     tpm2_tool(&tpm, &["tpm2_flushcontext", "--transient-object"]);
-    match root.unwrap(&w, b"id") {
-        Err(RootError::Unavailable(m)) => assert!(m.contains("no longer holds"), "{m}"),
-        other => panic!("expected Unavailable, got {other:?}"),
-    }
+    // The call notices the primary is gone, reconnects (re-deriving it)
+    // and retries once.
     assert_eq!(root.unwrap(&w, b"id").unwrap().expose(), dek.expose());
+    for _ in 0..2 {
+        tpm2_tool(&tpm, &["tpm2_flushcontext", "--transient-object"]);
+        assert_eq!(root.unwrap(&w, b"id").unwrap().expose(), dek.expose());
+        root.wrap(1, &dek, b"id").unwrap();
+    }
 }

@@ -352,7 +352,9 @@ impl DaemonState {
     }
 
     /// Runs blocking store work off the async runtime, bounded by the
-    /// request timeout (DEADLINE_EXCEEDED instead of piling up).
+    /// request timeout (DEADLINE_EXCEEDED instead of piling up). The work
+    /// runs under the request's deadline (`root::with_deadline`), so work
+    /// waiting for a busy root device gives up when the answer is gone.
     /// RESOURCE_EXHAUSTED at once while [`DaemonState::store_failed`].
     pub async fn blocking<T: Send + 'static>(
         &self,
@@ -371,7 +373,9 @@ impl DaemonState {
         f: impl FnOnce(&SecretStore) -> Result<T, SecretsError> + Send + 'static,
     ) -> Result<T, Status> {
         let s = self.secrets.clone();
-        let job = tokio::task::spawn_blocking(move || f(&s));
+        let deadline = Instant::now() + self.request_timeout;
+        let job =
+            tokio::task::spawn_blocking(move || crate::root::with_deadline(deadline, || f(&s)));
         match tokio::time::timeout(self.request_timeout, job).await {
             Ok(Ok(r)) => r.map_err(status_of),
             Ok(Err(_)) => Err(Status::internal("request worker failed")),
@@ -399,7 +403,9 @@ impl DaemonState {
         limit: Duration,
         f: impl FnOnce() -> Result<T, Status> + Send + 'static,
     ) -> Result<T, Status> {
-        match tokio::time::timeout(limit, tokio::task::spawn_blocking(f)).await {
+        let deadline = Instant::now() + limit;
+        let job = tokio::task::spawn_blocking(move || crate::root::with_deadline(deadline, f));
+        match tokio::time::timeout(limit, job).await {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(Status::internal("request worker failed")),
             Err(_) => Err(Status::deadline_exceeded(

@@ -211,6 +211,32 @@ pub trait RootOfTrust: Send + Sync {
     fn destroy_signing_key(&self, key: &SigningKeyRef) -> Result<(), RootError>;
 }
 
+thread_local! {
+    static DEADLINE: std::cell::Cell<Option<std::time::Instant>> =
+        const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with `deadline` as this thread's deadline for device work: a
+/// backend that must wait for its device (the TPM's single connection)
+/// gives up with [`RootError::Unavailable`] once it passes, instead of
+/// queueing behind a device that stopped answering. The daemon sets it to
+/// the request's deadline (`DaemonState::blocking`).
+pub fn with_deadline<T>(deadline: std::time::Instant, f: impl FnOnce() -> T) -> T {
+    struct Restore(Option<std::time::Instant>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            DEADLINE.with(|d| d.set(self.0));
+        }
+    }
+    let _restore = Restore(DEADLINE.with(|d| d.replace(Some(deadline))));
+    f()
+}
+
+/// This thread's deadline for device work, if any (see [`with_deadline`]).
+pub(crate) fn deadline() -> Option<std::time::Instant> {
+    DEADLINE.with(|d| d.get())
+}
+
 /// DER-encodes an ECDSA signature given as raw `r || s` (32 bytes each).
 pub(crate) fn ecdsa_raw_to_der(raw: &[u8]) -> Result<Vec<u8>, RootError> {
     if raw.len() != 64 {

@@ -9,6 +9,9 @@
 //! creation, so key creation and destruction take `create_lock`.
 //! A session that the token invalidated (token removed, sessions closed from
 //! another handle) is dropped and the call retried once on a fresh session.
+//! A cached object handle that turned stale (`CKR_OBJECT_HANDLE_INVALID`,
+//! e.g. the token's storage changed under the process) is forgotten and the
+//! key looked up once more; a key that is gone is UNAVAILABLE, never DATA_LOSS.
 //!
 //! Signing keys are token key pairs labelled (and CKA_ID'd) with the caller's
 //! label; the private half is private, sensitive, non-extractable and
@@ -162,8 +165,21 @@ fn session_lost(e: &CkError) -> bool {
     )
 }
 
+/// Errors that mean a cached object handle no longer names an object of
+/// this process's view of the token (the token's storage changed under it).
+fn handle_stale(e: &CkError) -> bool {
+    matches!(
+        rv(e),
+        Some(RvError::ObjectHandleInvalid | RvError::KeyHandleInvalid)
+    )
+}
+
 fn device_err(what: &str, e: CkError) -> RootError {
-    if session_lost(&e) {
+    if handle_stale(&e) {
+        RootError::Unavailable(format!(
+            "{what}: the key object is no longer on the token ({e}); was the token's storage moved or changed (SoftHSM2: its token directory)? Restore it; if this persists after that, restart keyseald"
+        ))
+    } else if session_lost(&e) {
         RootError::Unavailable(format!(
             "{what}: token session lost ({e}); keyseal reconnects on the next request"
         ))
@@ -354,6 +370,27 @@ impl Pkcs11Root {
         ))
     }
 
+    /// Runs `op` with the handle `key` finds, on a pooled session; when the
+    /// cached handle turned stale, forgets cached handles and retries once
+    /// with a fresh lookup.
+    fn with_key<T>(
+        &self,
+        key: impl Fn() -> Result<ObjectHandle, RootError>,
+        op: impl Fn(&Session, ObjectHandle) -> Result<T, CkError>,
+    ) -> Result<Result<T, CkError>, RootError> {
+        let h = key()?;
+        let out = self.with_session(|s| op(s, h))?;
+        match &out {
+            Err(e) if handle_stale(e) => {
+                self.handles.lock().clear();
+                self.key_types.lock().clear();
+                let h = key()?;
+                self.with_session(|s| op(s, h))
+            }
+            _ => Ok(out),
+        }
+    }
+
     fn find(&self, label: &str, class: ObjectClass) -> Result<Option<ObjectHandle>, RootError> {
         let cache_key = format!("{class}/{label}");
         if let Some(h) = self.handles.lock().get(&cache_key) {
@@ -383,7 +420,7 @@ impl Pkcs11Root {
         self.find(&root_label(version), ObjectClass::SECRET_KEY)?
             .ok_or_else(|| {
                 RootError::NotInitialised(format!(
-                    "root key version {version} ('{}') is not on token '{}'; run `keyseal init` for a new token, or restore the token",
+                    "root key version {version} ('{}') is not on token '{}'; run `keyseal init` for a new token, or restore the token (if its storage was restored while keyseald ran, restart keyseald)",
                     root_label(version),
                     self.token_label
                 ))
@@ -506,15 +543,17 @@ impl RootOfTrust for Pkcs11Root {
                 "a DEK binding (AAD) must not be empty".into(),
             ));
         }
-        let key = self.root_key(version)?;
         let mut iv = [0u8; GCM_IV_LEN];
         rand::rngs::OsRng.fill_bytes(&mut iv);
         let ct = self
-            .with_session(|s| {
-                let mut iv_buf = iv;
-                let params = GcmParams::new(&mut iv_buf, binding, GCM_TAG_BITS.into())?;
-                s.encrypt(&Mechanism::AesGcm(params), key, dek.expose())
-            })?
+            .with_key(
+                || self.root_key(version),
+                |s, key| {
+                    let mut iv_buf = iv;
+                    let params = GcmParams::new(&mut iv_buf, binding, GCM_TAG_BITS.into())?;
+                    s.encrypt(&Mechanism::AesGcm(params), key, dek.expose())
+                },
+            )?
             .map_err(|e| device_err("wrap DEK", e))?;
         let mut blob = Vec::with_capacity(GCM_IV_LEN + ct.len());
         blob.extend_from_slice(&iv);
@@ -531,20 +570,22 @@ impl RootOfTrust for Pkcs11Root {
                 "wrapped key has the wrong length".into(),
             ));
         }
-        let key = self.root_key(wrapped.root_version)?;
         let (iv, ct) = wrapped.blob.split_at(GCM_IV_LEN);
-        let out = self.with_session(|s| {
-            let mut iv_buf = [0u8; GCM_IV_LEN];
-            iv_buf.copy_from_slice(iv);
-            let params = GcmParams::new(&mut iv_buf, binding, GCM_TAG_BITS.into())?;
-            s.decrypt(&Mechanism::AesGcm(params), key, ct)
-        })?;
+        let out = self.with_key(
+            || self.root_key(wrapped.root_version),
+            |s, key| {
+                let mut iv_buf = [0u8; GCM_IV_LEN];
+                iv_buf.copy_from_slice(iv);
+                let params = GcmParams::new(&mut iv_buf, binding, GCM_TAG_BITS.into())?;
+                s.decrypt(&Mechanism::AesGcm(params), key, ct)
+            },
+        )?;
         match out {
             Ok(pt) => {
                 let pt = Zeroizing::new(pt);
                 Dek::from_slice(&pt)
             }
-            Err(e) if session_lost(&e) => Err(device_err("unwrap DEK", e)),
+            Err(e) if session_lost(&e) || handle_stale(&e) => Err(device_err("unwrap DEK", e)),
             Err(e) => Err(RootError::Integrity(format!(
                 "wrapped key did not authenticate under root key v{} ({})",
                 wrapped.root_version,

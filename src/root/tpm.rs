@@ -82,7 +82,11 @@
 //! so one connection sits behind a mutex. When the transport breaks (swtpm or
 //! tpm2-abrmd restarted, I/O error) the call fails with
 //! [`RootError::Unavailable`], the connection is dropped, and the next call
-//! reconnects (re-deriving primaries as needed).
+//! reconnects (re-deriving primaries as needed). A call that finds a
+//! previously working connection broken is retried once on a new connection
+//! (nothing it did persists on the TPM), so the first request after a quick
+//! TPM restart succeeds; while the TPM is down the retry's connect fails at
+//! once with "cannot reach TPM".
 //!
 //! Without a resource manager (swtpm, `/dev/tpm0`) the TPM has few transient
 //! object slots (3 on libtpms), so at most [`MAX_CACHED_PRIMARIES`] primaries
@@ -1027,27 +1031,50 @@ impl TpmRoot {
     }
 
     /// Runs `f` on the connection, connecting first if needed; drops the
-    /// connection if `f` found the transport broken.
+    /// connection if `f` found the transport broken. When a connection that
+    /// had been working finds the TPM gone or restarted (nothing was done:
+    /// TPM commands here leave no persistent state), `f` runs once more on a
+    /// new connection, so a request right after a quick TPM restart succeeds
+    /// and one while the TPM is down fails with the reconnect's message.
     fn with_conn<T>(
         &self,
-        f: impl FnOnce(&mut Conn, &BTreeSet<u32>) -> Result<T, RootError>,
+        mut f: impl FnMut(&mut Conn, &BTreeSet<u32>) -> Result<T, RootError>,
     ) -> Result<T, RootError> {
-        let mut guard = self.state.lock();
-        let state = &mut *guard;
-        if state.conn.is_none() {
-            state.conn = Some(Conn::open(&self.tcti, &self.tcti_conf)?);
-            tracing::info!(tcti = %self.tcti, "reconnected to the TPM");
-        }
-        let Some(conn) = state.conn.as_mut() else {
-            return Err(RootError::Unavailable("no TPM connection".into()));
+        // The TPM runs one command at a time. Behind a TPM that stopped
+        // answering, waiters give up at their request's deadline rather than
+        // pile up (each holds a blocking thread) and run stale work later.
+        let mut guard = match super::deadline() {
+            None => self.state.lock(),
+            Some(deadline) => self.state.try_lock_until(deadline).ok_or_else(|| {
+                RootError::Unavailable(format!(
+                    "the TPM (TCTI '{}') is still busy with an earlier command that has not been answered: it may be paused, overloaded or wedged; retry later",
+                    self.tcti
+                ))
+            })?,
         };
-        let res = f(conn, &state.retired);
-        if conn.broken {
-            tracing::warn!(tcti = %self.tcti, "TPM connection lost; reconnecting on the next request");
-            conn.abandon();
-            state.conn = None;
+        let state = &mut *guard;
+        let mut retried = false;
+        loop {
+            let fresh = state.conn.is_none();
+            if fresh {
+                state.conn = Some(Conn::open(&self.tcti, &self.tcti_conf)?);
+                tracing::info!(tcti = %self.tcti, "reconnected to the TPM");
+            }
+            let Some(conn) = state.conn.as_mut() else {
+                return Err(RootError::Unavailable("no TPM connection".into()));
+            };
+            let res = f(conn, &state.retired);
+            if conn.broken {
+                tracing::warn!(tcti = %self.tcti, "TPM connection lost; reconnecting");
+                conn.abandon();
+                state.conn = None;
+                if !fresh && !retried {
+                    retried = true;
+                    continue;
+                }
+            }
+            return res;
         }
-        res
     }
 
     fn check_version(version: u32, retired: &BTreeSet<u32>) -> Result<(), RootError> {
@@ -1141,7 +1168,14 @@ impl RootOfTrust for TpmRoot {
             let created = conn
                 .ctx
                 .execute_with_session(Some(AuthSession::Password), |ctx| {
-                    ctx.create(parent, template, auth, Some(data), None, None)
+                    ctx.create(
+                        parent,
+                        template,
+                        auth.clone(),
+                        Some(data.clone()),
+                        None,
+                        None,
+                    )
                 })
                 .map_err(|e| {
                     let what = format!("sealing a DEK under root key version {version}");
@@ -1197,7 +1231,7 @@ impl RootOfTrust for TpmRoot {
             let what = format!("loading a DEK sealed under root key version {version}");
             let handle = conn.load(PrimaryId::Root(version), &blob, &what)?;
             conn.with_loaded(handle, |conn| {
-                if let Some(a) = auth {
+                if let Some(a) = auth.clone() {
                     conn.ctx
                         .tr_set_auth(handle.into(), a)
                         .map_err(|e| conn.err("setting the object auth value", e))?;
@@ -1263,7 +1297,7 @@ impl RootOfTrust for TpmRoot {
             let created =
                 conn.ctx
                     .execute_with_session(Some(AuthSession::Password), |ctx| {
-                        ctx.create(parent, template, auth, None, None, None)
+                        ctx.create(parent, template.clone(), auth.clone(), None, None, None)
                     })
                     .map_err(|e| {
                         let what = format!("creating a TPM {} signing key", alg.as_str());
@@ -1364,14 +1398,14 @@ impl RootOfTrust for TpmRoot {
         let signature = self.with_conn(|conn, _| {
             let handle = conn.load(PrimaryId::Signing, &blob, "loading a TPM signing key")?;
             conn.with_loaded(handle, |conn| {
-                if let Some(a) = auth {
+                if let Some(a) = auth.clone() {
                     conn.ctx
                         .tr_set_auth(handle.into(), a)
                         .map_err(|e| conn.err("setting the signing key auth value", e))?;
                 }
                 conn.ctx
                     .execute_with_session(Some(AuthSession::Password), |ctx| {
-                        ctx.sign(handle, digest, scheme, validation)
+                        ctx.sign(handle, digest.clone(), scheme, validation.clone())
                     })
                     .map_err(|e| conn.err("signing with a TPM key", e))
             })
