@@ -633,6 +633,9 @@ fn full_store_disk() {
     println!("status between the thresholds: {}", st["disk"]);
     assert_eq!(st["disk"]["writes_refused"], true, "{st}");
     assert_eq!(st["disk"]["audit_refused"], false, "{st}");
+    let o = d.cli(&["status"]).output().unwrap();
+    println!("{}", out_text(&o));
+    assert!(out_text(&o).contains("WRITES REFUSED"), "{}", out_text(&o));
     // the reads (and the refused puts) are in the log
     let events = all_events(&mut c);
     let events = rt.block_on(events);
