@@ -1212,6 +1212,7 @@ impl ApiKeys {
             hash: self.hash(&token)?,
         };
         let _w = self.write.lock();
+        self.store.disk.check_write()?;
         (&self.keys, &self.by_hash, &self.by_owner).transaction(|(k, h, o)| {
             insert_new(k, h, o, &record)?;
             Ok(())
@@ -1340,6 +1341,7 @@ impl ApiKeys {
         }
         let overlap = overlap.unwrap_or(self.cfg.rotation_overlap).as_secs();
         let _w = self.write.lock();
+        self.store.disk.check_write()?;
         // The record decides the new key's env; read it first (writers are
         // serialised, so it cannot change before the transaction).
         let pred = match self.record(id)? {
@@ -1424,6 +1426,7 @@ impl ApiKeys {
             return Err(invalid("a key id is ak_ followed by 24 hex digits"));
         }
         let _w = self.write.lock();
+        self.store.disk.check_write()?;
         let (rec, already) = self.keys.transaction(|k| {
             let Some(mut r) = tx_get(k, id)? else {
                 return abort(ApiKeyError::NotFound);
@@ -1456,6 +1459,7 @@ impl ApiKeys {
     ) -> Result<Vec<String>, ApiKeyError> {
         check_owner(owner)?;
         let _w = self.write.lock();
+        self.store.disk.check_write()?;
         // Writers are serialised: no key of `owner` can appear meanwhile.
         let prefix = owner_key(owner, "");
         let mut ids = Vec::new();

@@ -95,6 +95,8 @@ struct RawStore {
     path: PathBuf,
     max_value_bytes: Option<usize>,
     default_max_versions: Option<u32>,
+    min_free_bytes: Option<u64>,
+    audit_reserve_bytes: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -157,6 +159,9 @@ pub struct Config {
     pub store_path: PathBuf,
     pub max_value_bytes: usize,
     pub default_max_versions: u32,
+    /// `store.min_free_bytes` / `store.audit_reserve_bytes`: the free-space
+    /// reserve of the store's file system (see `docs/operations.md`).
+    pub disk_limits: crate::store::DiskLimits,
     pub socket: PathBuf,
     pub socket_mode: u32,
     pub socket_group: Option<String>,
@@ -323,6 +328,17 @@ impl Config {
         if default_max_versions == 0 {
             return Err(err("store.default_max_versions must be at least 1".into()));
         }
+        let disk_limits = crate::store::DiskLimits {
+            min_free_bytes: raw
+                .store
+                .min_free_bytes
+                .unwrap_or(crate::store::DiskLimits::DEFAULT_MIN_FREE),
+            audit_reserve_bytes: raw
+                .store
+                .audit_reserve_bytes
+                .unwrap_or(crate::store::DiskLimits::DEFAULT_AUDIT_RESERVE),
+        };
+        disk_limits.validate().map_err(err)?;
         let timeout = raw.api.request_timeout_secs.unwrap_or(10);
         if timeout == 0 {
             return Err(err("api.request_timeout_secs must be at least 1".into()));
@@ -372,6 +388,7 @@ impl Config {
             store_path: abs(&raw.store.path),
             max_value_bytes,
             default_max_versions,
+            disk_limits,
             socket: raw
                 .api
                 .socket

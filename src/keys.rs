@@ -94,6 +94,8 @@ pub struct Keys {
     root: Arc<dyn RootOfTrust>,
     db: sled::Db,
     tree: sled::Tree,
+    /// The store's free-space guard, asked before every change.
+    disk: Arc<crate::store::DiskGuard>,
     /// Serialises changes to records (creation, rotation, state changes).
     write: Mutex<()>,
 }
@@ -106,9 +108,14 @@ fn device_label(name: &str, version: u32) -> String {
 
 impl Keys {
     /// Opens the registry in the store's database.
-    pub fn open(root: Arc<dyn RootOfTrust>, db: sled::Db) -> Result<Keys, KeysError> {
+    pub fn open(
+        root: Arc<dyn RootOfTrust>,
+        store: &crate::store::Store,
+    ) -> Result<Keys, KeysError> {
+        let db = store.db.clone();
         Ok(Keys {
             tree: db.open_tree("keys")?,
+            disk: store.disk.clone(),
             db,
             root,
             write: Mutex::new(()),
@@ -164,6 +171,7 @@ impl Keys {
         now: u64,
     ) -> Result<KeyRecord, KeysError> {
         let _w = self.write.lock();
+        self.disk.check_write()?;
         if self.tree.contains_key(name.as_str().as_bytes())? {
             return Err(KeysError::Exists);
         }
@@ -201,6 +209,7 @@ impl Keys {
     /// Adds a new version that becomes the signing version.
     pub fn rotate(&self, name: &SecretName, now: u64) -> Result<KeyRecord, KeysError> {
         let _w = self.write.lock();
+        self.disk.check_write()?;
         let mut rec = self.load(name.as_str())?;
         let next = rec.versions.iter().map(|v| v.version).max().unwrap_or(0) + 1;
         let v = self.new_version(&rec.name, rec.alg, next, now)?;
@@ -223,6 +232,7 @@ impl Keys {
         enabled: bool,
     ) -> Result<KeyRecord, KeysError> {
         let _w = self.write.lock();
+        self.disk.check_write()?;
         let mut rec = self.load(name.as_str())?;
         if !enabled && version == rec.current {
             return Err(KeysError::InvalidArgument(format!(
@@ -246,6 +256,7 @@ impl Keys {
     /// Destroys the key: every version's private key on the device, then the record.
     pub fn destroy(&self, name: &SecretName) -> Result<(), KeysError> {
         let _w = self.write.lock();
+        self.disk.check_write()?;
         let rec = self.load(name.as_str())?;
         for v in &rec.versions {
             self.root.destroy_signing_key(&v.key_ref)?;

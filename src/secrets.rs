@@ -435,6 +435,8 @@ impl SecretStore {
                 "max_versions must be at least 1".into(),
             ));
         }
+        // Before sealing and before sled: keep the free-space reserve.
+        self.store.disk.check_write()?;
         let _w = self.stripe(name).lock();
         let n = name.as_str();
         let old = self.meta(n)?;
@@ -627,6 +629,7 @@ impl SecretStore {
         versions: &[u64],
         f: impl Fn(&mut VersionRecord) -> Result<(), SecretsError>,
     ) -> Result<Vec<u64>, SecretsError> {
+        self.store.disk.check_write()?;
         let _w = self.stripe(name).lock();
         let n = name.as_str();
         let mut meta = self.meta(n)?.ok_or(SecretsError::NotFound)?;
@@ -727,6 +730,7 @@ impl SecretStore {
     /// API-key pepper — replacing any previous one. Root rotation rewraps it
     /// like every secret.
     pub fn seal_value(&self, kind: &str, name: &str, plaintext: &[u8]) -> Result<(), SecretsError> {
+        self.store.disk.check_write()?;
         let _g = self.seal_gate.read();
         let b = Binding::new(kind, name, 0);
         let sealed = self.envelope.seal(&b, plaintext).map_err(env_err)?;
@@ -791,6 +795,7 @@ impl SecretStore {
         progress: &mut dyn FnMut(RotationProgress) -> ControlFlow<()>,
     ) -> Result<RotationOutcome, SecretsError> {
         let _r = self.rotation.try_lock().ok_or(SecretsError::RotationBusy)?;
+        self.store.disk.check_write()?;
         let mut st = self
             .store
             .root_state()?
@@ -887,6 +892,7 @@ impl SecretStore {
             reason: "bad key".into(),
         })?;
         for _ in 0..16 {
+            self.store.disk.check_write()?;
             let Some(cur) = self.store.sealed.get(k)? else {
                 return Ok(false);
             };
@@ -926,6 +932,7 @@ impl SecretStore {
             reason: "bad key".into(),
         })?;
         for _ in 0..16 {
+            self.store.disk.check_write()?;
             let Some(cur) = self.store.versions.get(k)? else {
                 return Ok(false);
             };

@@ -5,12 +5,14 @@
 //!   each restart every acknowledged put reads back exactly, every
 //!   acknowledged request has its event in the log, and an export of the
 //!   whole log verifies.
-//! - `full_store_disk`: the store sits on a small tmpfs that is then filled.
-//!   Requests fail promptly with a typed status (never hang, never INTERNAL),
-//!   the daemon stays up and reports the audit failures. sled refuses
-//!   writes after an I/O error until reopened, so requests keep failing
-//!   (as promptly) after space is freed, until keyseald is restarted; then
-//!   everything works and the log verifies.
+//! - `full_store_disk`: the store sits on a small tmpfs (64 MiB) with
+//!   `store.min_free_bytes` = 8 MiB and `store.audit_reserve_bytes` = 2 MiB.
+//!   Filled down to 5 MiB free: writes fail promptly with
+//!   RESOURCE_EXHAUSTED naming the path and the setting, reads keep working
+//!   and are audited. Filled below 2 MiB: every audited request fails
+//!   promptly (UNAVAILABLE), the daemon stays up and answers status. Space
+//!   freed: writes succeed again without a restart, everything acknowledged
+//!   reads back, the audit log exports and verifies (also after a restart).
 
 mod common;
 
@@ -466,68 +468,36 @@ impl Drop for TmpfsMount {
     }
 }
 
-/// Fills the file system holding `path` with one file; returns its size.
-fn fill(path: &Path) -> u64 {
+/// Free bytes for unprivileged users on the file system holding `path`.
+fn free_bytes(path: &Path) -> u64 {
+    let s = nix::sys::statvfs::statvfs(path).unwrap();
+    s.blocks_available() as u64 * s.fragment_size() as u64
+}
+
+/// Appends to `filler` until the file system holding it has at most
+/// `target` bytes free; returns the free bytes then.
+fn fill_to(filler: &Path, target: u64) -> u64 {
     use std::io::Write;
-    let mut f = std::fs::File::create(path).unwrap();
-    let mut written = 0u64;
-    for chunk in [1 << 20, 4096, 512] {
-        let buf = vec![0x5au8; chunk];
-        while f.write_all(&buf).is_ok() {
-            written += chunk as u64;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(filler)
+        .unwrap();
+    let buf = vec![0x5au8; 1 << 20];
+    loop {
+        let free = free_bytes(filler);
+        if free <= target {
+            f.sync_all().unwrap();
+            return free;
         }
+        let n = (free - target).min(buf.len() as u64) as usize;
+        f.write_all(&buf[..n.max(4096)]).unwrap();
+        f.flush().unwrap();
     }
-    let _ = f.sync_all();
-    written
 }
 
-/// A put and a get with a bound: (result code, how long it took).
-fn timed_put(rt: &tokio::runtime::Runtime, c: &mut Client, name: &str) -> (tonic::Code, Duration) {
-    let t = Instant::now();
-    let r = rt.block_on(async {
-        tokio::time::timeout(
-            Duration::from_secs(30),
-            c.secrets.put(pb::PutRequest {
-                name: name.into(),
-                value: b"some value".to_vec(),
-                ..Default::default()
-            }),
-        )
-        .await
-    });
-    let code = match r {
-        Ok(Ok(_)) => tonic::Code::Ok,
-        Ok(Err(s)) => {
-            println!("  put {name}: {:?}: {}", s.code(), s.message());
-            s.code()
-        }
-        Err(_) => tonic::Code::DeadlineExceeded,
-    };
-    (code, t.elapsed())
-}
-
-fn timed_get(rt: &tokio::runtime::Runtime, c: &mut Client, name: &str) -> (tonic::Code, Duration) {
-    let t = Instant::now();
-    let r = rt.block_on(async {
-        tokio::time::timeout(
-            Duration::from_secs(30),
-            c.secrets.get(pb::GetRequest {
-                name: name.into(),
-                version: 0,
-            }),
-        )
-        .await
-    });
-    let code = match r {
-        Ok(Ok(_)) => tonic::Code::Ok,
-        Ok(Err(s)) => {
-            println!("  get {name}: {:?}: {}", s.code(), s.message());
-            s.code()
-        }
-        Err(_) => tonic::Code::DeadlineExceeded,
-    };
-    (code, t.elapsed())
-}
+/// Longer than the disk guard's cache of the free space (200 ms).
+const GUARD_TTL_WAIT: Duration = Duration::from_millis(500);
 
 fn status_json(d: &TestDaemon) -> serde_json::Value {
     let out = d.cli(&["status", "--json"]).output().unwrap();
@@ -539,6 +509,25 @@ fn status_json(d: &TestDaemon) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+const MIB: u64 = 1024 * 1024;
+
+fn timed_code<T>(
+    rt: &tokio::runtime::Runtime,
+    f: impl std::future::Future<Output = Result<T, tonic::Status>>,
+) -> (tonic::Code, String, Duration) {
+    let t = Instant::now();
+    let r = rt.block_on(async { tokio::time::timeout(Duration::from_secs(30), f).await });
+    match r {
+        Ok(Ok(_)) => (tonic::Code::Ok, String::new(), t.elapsed()),
+        Ok(Err(s)) => (s.code(), s.message().to_owned(), t.elapsed()),
+        Err(_) => (
+            tonic::Code::DeadlineExceeded,
+            "no answer".into(),
+            t.elapsed(),
+        ),
+    }
+}
+
 #[test]
 fn full_store_disk() {
     let mut d = TestDaemon::start(Backend::SoftHsm, ROOT_POLICY);
@@ -548,7 +537,7 @@ fn full_store_disk() {
     let saved = d.dir().join("store.saved");
     std::fs::rename(&store, &saved).unwrap();
     std::fs::create_dir(&store).unwrap();
-    let _mount = match TmpfsMount::mount(&store, "32m") {
+    let _mount = match TmpfsMount::mount(&store, "64m") {
         Ok(m) => m,
         Err(e) => {
             println!("SKIP full_store_disk: cannot mount a tmpfs for the store (needs root): {e}");
@@ -562,135 +551,189 @@ fn full_store_disk() {
         .status()
         .unwrap();
     assert!(cp.success());
+    // small thresholds for the small file system
+    let cfg = std::fs::read_to_string(&d.config).unwrap();
+    let cfg = cfg.replacen(
+        "[store]\n",
+        &format!(
+            "[store]\nmin_free_bytes = {}\naudit_reserve_bytes = {}\n",
+            8 * MIB,
+            2 * MIB
+        ),
+        1,
+    );
+    std::fs::write(&d.config, cfg).unwrap();
     d.spawn();
     d.put("app/a", b"v1");
     let rt = runtime();
     let mut c = rt.block_on(Client::connect(&d.socket)).unwrap();
+    let st = status_json(&d);
+    println!("status on the tmpfs: {}", st["disk"]);
+    assert_eq!(st["disk"]["writes_refused"], false, "{st}");
+    assert!(st["disk"]["free_bytes"].as_u64().unwrap() > 8 * MIB, "{st}");
+    assert_eq!(st["disk"]["min_free_bytes"].as_u64(), Some(8 * MIB), "{st}");
 
+    // 1. Between the thresholds: writes refused, reads work and are audited.
     let filler = store.join("filler");
-    let filled = fill(&filler);
-    println!("filled the store's tmpfs with {filled} bytes");
-    // Requests until the store runs out of space (sled may still have room
-    // in segments it already holds).
-    let mut first_fail = None;
-    for i in 0..2000 {
-        let (code, took) = timed_put(&rt, &mut c, &format!("fill/s{i}"));
-        assert!(
-            took < Duration::from_secs(10),
-            "put took {took:?} on a full disk"
-        );
-        if code != tonic::Code::Ok {
-            first_fail = Some((i, code));
-            break;
-        }
-    }
-    let (n, code) = first_fail.expect("2000 puts succeeded on a full disk");
-    println!("first failure after {n} puts on the full disk: {code:?}");
-    let full_codes = [tonic::Code::ResourceExhausted];
-    assert!(full_codes.contains(&code), "{code:?}");
-    for i in 0..3 {
-        let (code, took) = timed_put(&rt, &mut c, &format!("full/p{i}"));
-        println!("  full disk: put -> {code:?} in {took:?}");
-        assert!(took < Duration::from_secs(10), "put hung: {took:?}");
-        assert!(full_codes.contains(&code), "{code:?}");
-        let (code, took) = timed_get(&rt, &mut c, "app/before");
-        println!("  full disk: get -> {code:?} in {took:?}");
-        assert!(took < Duration::from_secs(10), "get hung: {took:?}");
-        assert!(full_codes.contains(&code), "{code:?}");
-    }
-    // listing the store or reading the log: refused up front, promptly
-    // (sled's iterators would spin on the failed database)
-    let t = Instant::now();
-    let list = rt.block_on(async {
-        tokio::time::timeout(
-            Duration::from_secs(30),
-            c.secrets.list(pb::ListRequest {
-                prefix: "app".into(),
+    let free = fill_to(&filler, 5 * MIB);
+    println!("filled the store's tmpfs down to {free} bytes free");
+    assert!(free > 2 * MIB && free < 8 * MIB);
+    std::thread::sleep(GUARD_TTL_WAIT);
+    for i in 0..5 {
+        let (code, msg, took) = timed_code(
+            &rt,
+            c.secrets.put(pb::PutRequest {
+                name: format!("low/p{i}"),
+                value: b"some value".to_vec(),
                 ..Default::default()
             }),
-        )
-        .await
-    });
-    let took = t.elapsed();
-    let code = match list {
-        Ok(Ok(_)) => tonic::Code::Ok,
-        Ok(Err(s)) => s.code(),
-        Err(_) => tonic::Code::DeadlineExceeded,
-    };
-    println!("  full disk: list -> {code:?} in {took:?}");
-    assert!(took < Duration::from_secs(10) && code == tonic::Code::ResourceExhausted);
-    let t = Instant::now();
-    let q = d
-        .cli(&["audit", "query", "--op", "secret.put", "--json"])
-        .output()
-        .unwrap();
-    println!(
-        "  full disk: audit query -> exit {:?} in {:?}",
-        q.status.code(),
-        t.elapsed()
+        );
+        println!("  below min_free: put -> {code:?} in {took:?}: {msg}");
+        assert!(took < Duration::from_secs(10), "put took {took:?}");
+        assert_eq!(code, tonic::Code::ResourceExhausted, "{msg}");
+        assert!(
+            msg.contains("store.min_free_bytes") && msg.contains(store.to_str().unwrap()),
+            "{msg}"
+        );
+    }
+    // other writes too: delete, API key issue
+    let (code, msg, _) = timed_code(
+        &rt,
+        c.secrets.delete(pb::VersionsRequest {
+            name: "app/a".into(),
+            ..Default::default()
+        }),
     );
-    assert!(t.elapsed() < Duration::from_secs(10), "audit query hung");
-    assert!(
-        String::from_utf8_lossy(&q.stderr).contains("restart keyseald"),
-        "{}",
-        String::from_utf8_lossy(&q.stderr)
+    assert_eq!(code, tonic::Code::ResourceExhausted, "delete: {msg}");
+    let o = d.run(&["apikey", "issue", "--owner", "team-a/acme"], b"");
+    assert!(!o.status.success(), "apikey issue succeeded below min_free");
+    assert!(out_text(&o).contains("min_free_bytes"), "{}", out_text(&o));
+    for i in 0..5 {
+        for (name, want) in [("app/before", &b"v0"[..]), ("app/a", &b"v1"[..])] {
+            let t = Instant::now();
+            let r = rt
+                .block_on(c.secrets.get(pb::GetRequest {
+                    name: name.into(),
+                    version: 0,
+                }))
+                .unwrap_or_else(|s| panic!("get {name} below min_free (round {i}): {s}"));
+            assert_eq!(r.get_ref().value, want);
+            assert!(t.elapsed() < Duration::from_secs(10));
+        }
+    }
+    let (code, msg, _) = timed_code(
+        &rt,
+        c.secrets.list(pb::ListRequest {
+            prefix: "app".into(),
+            ..Default::default()
+        }),
     );
+    assert_eq!(code, tonic::Code::Ok, "list: {msg}");
     let st = status_json(&d);
-    println!("status on a full disk: {}", st["audit"]);
-    assert!(st["audit"]["failures"].as_u64().unwrap() >= 6, "{st}");
+    println!("status between the thresholds: {}", st["disk"]);
+    assert_eq!(st["disk"]["writes_refused"], true, "{st}");
+    assert_eq!(st["disk"]["audit_refused"], false, "{st}");
+    let o = d.cli(&["status"]).output().unwrap();
+    println!("{}", out_text(&o));
+    assert!(out_text(&o).contains("WRITES REFUSED"), "{}", out_text(&o));
+    // the reads (and the refused puts) are in the log
+    let events = all_events(&mut c);
+    let events = rt.block_on(events);
+    let gets = events
+        .iter()
+        .filter(|e| e["op"] == "secret.get" && e["target"] == "app/before" && e["result"] == "ok")
+        .count();
+    assert!(gets >= 5, "gets below min_free audited: {gets}");
     assert!(
-        st["audit"]["last_error"]
-            .as_str()
-            .unwrap_or("")
-            .contains("out of space"),
-        "{st}"
+        events
+            .iter()
+            .any(|e| e["op"] == "secret.put" && e["code"] == "RESOURCE_EXHAUSTED"),
+        "refused puts are audited"
     );
 
-    // Space comes back. sled stops writing after an I/O error until the
-    // database is reopened, so requests keep failing, just as promptly and
-    // with the same typed answer, until keyseald is restarted.
-    std::fs::remove_file(&filler).unwrap();
-    for i in 0..2 {
-        let (code, took) = timed_put(&rt, &mut c, &format!("freed/p{i}"));
-        println!("  space freed, before restart: put -> {code:?} in {took:?}");
-        assert!(took < Duration::from_secs(10), "put hung: {took:?}");
-        assert_eq!(code, tonic::Code::ResourceExhausted);
+    // 2. Below the audit reserve: every audited request fails fast; the
+    //    daemon stays up and answers status.
+    let free = fill_to(&filler, MIB);
+    println!("filled the store's tmpfs down to {free} bytes free");
+    assert!(free < 2 * MIB);
+    std::thread::sleep(GUARD_TTL_WAIT);
+    let below_codes = [tonic::Code::Unavailable, tonic::Code::ResourceExhausted];
+    for i in 0..3 {
+        let (code, msg, took) = timed_code(
+            &rt,
+            c.secrets.put(pb::PutRequest {
+                name: format!("floor/p{i}"),
+                value: b"some value".to_vec(),
+                ..Default::default()
+            }),
+        );
+        println!("  below the audit reserve: put -> {code:?} in {took:?}: {msg}");
+        assert!(took < Duration::from_secs(10), "put took {took:?}");
+        assert!(below_codes.contains(&code), "{code:?} {msg}");
+        let (code, msg, took) = timed_code(
+            &rt,
+            c.secrets.get(pb::GetRequest {
+                name: "app/before".into(),
+                version: 0,
+            }),
+        );
+        println!("  below the audit reserve: get -> {code:?} in {took:?}: {msg}");
+        assert!(took < Duration::from_secs(10), "get took {took:?}");
+        assert!(below_codes.contains(&code), "{code:?} {msg}");
+        assert!(msg.contains("audit_reserve_bytes"), "{msg}");
     }
     let st = status_json(&d);
-    assert!(
-        st["audit"]["last_error"]
-            .as_str()
-            .unwrap_or("")
-            .contains("restart keyseald"),
-        "{st}"
+    println!(
+        "status below the audit reserve: {} {}",
+        st["disk"], st["audit"]
     );
-    drop(c);
-    let stopped = d.stop();
-    println!("keyseald stopped on SIGTERM: {stopped}");
-    d.spawn();
-    assert_eq!(d.get("app/before"), b"v0");
-    assert_eq!(d.get("app/a"), b"v1");
-    d.put("after/restart", b"v2");
+    assert_eq!(st["disk"]["audit_refused"], true, "{st}");
+    assert!(st["audit"]["failures"].as_u64().unwrap() >= 6, "{st}");
+
+    // 3. Space comes back: writes succeed again without a restart.
+    std::fs::remove_file(&filler).unwrap();
+    std::thread::sleep(GUARD_TTL_WAIT);
+    let mut acked = vec![
+        ("app/before".to_owned(), b"v0".to_vec()),
+        ("app/a".to_owned(), b"v1".to_vec()),
+    ];
+    for i in 0..5 {
+        let name = format!("freed/p{i}");
+        let value = format!("value {i}").into_bytes();
+        let (code, msg, took) = timed_code(
+            &rt,
+            c.secrets.put(pb::PutRequest {
+                name: name.clone(),
+                value: value.clone(),
+                ..Default::default()
+            }),
+        );
+        println!("  space freed, no restart: put -> {code:?} in {took:?}");
+        assert_eq!(code, tonic::Code::Ok, "{msg}");
+        acked.push((name, value));
+    }
     let st = status_json(&d);
-    assert_eq!(st["audit"]["failures"], 0, "{st}");
+    assert_eq!(st["disk"]["writes_refused"], false, "{st}");
+    for (name, value) in &acked {
+        let r = rt
+            .block_on(c.secrets.get(pb::GetRequest {
+                name: name.clone(),
+                version: 0,
+            }))
+            .unwrap_or_else(|s| panic!("get {name} after space came back: {s}"));
+        assert_eq!(&r.get_ref().value, value, "{name}");
+    }
     let report = export_and_verify(&d, "export-full");
+    println!("space freed, no restart: {report}");
+
+    // Nothing corrupted: after a restart everything reads back and verifies.
+    drop(c);
+    d.stop();
+    d.spawn();
+    for (name, value) in &acked {
+        assert_eq!(&d.get(name), value, "{name} after restart");
+    }
+    let report = export_and_verify(&d, "export-restart");
     println!("after restart: {report}");
-    // the requests answered before the disk filled and after the restart
-    // are in the log
-    let q = d
-        .cli(&[
-            "audit",
-            "query",
-            "--op",
-            "secret.put",
-            "--json",
-            "--limit",
-            "1000",
-        ])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&q.stdout);
-    assert!(text.contains("\"target\":\"app/a\""), "{text}");
-    assert!(text.contains("\"target\":\"after/restart\""), "{text}");
     d.stop();
 }

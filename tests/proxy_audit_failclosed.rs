@@ -89,9 +89,7 @@ fn unauditable_decisions_get_503_and_nothing_is_forwarded() {
     let apikeys = Arc::new(
         keyseal::apikeys::ApiKeys::open(&s, keyseal::apikeys::ApiKeysConfig::default()).unwrap(),
     );
-    let keys = Arc::new(
-        keyseal::keys::Keys::open(s.envelope().root().clone(), s.store().db.clone()).unwrap(),
-    );
+    let keys = Arc::new(keyseal::keys::Keys::open(s.envelope().root().clone(), s.store()).unwrap());
     let proxies = Arc::new(ProxyStore::open(s.clone()).unwrap());
     let audit = Arc::new(AuditLog::open(&s, AuditConfig::default()).unwrap());
     proxies

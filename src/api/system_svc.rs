@@ -49,6 +49,12 @@ impl System for SystemService {
                     ))
                 })
                 .await?;
+            let disk = st.secrets.store().disk.clone();
+            let (disk_state, store_path) = tokio::task::spawn_blocking(move || {
+                (disk.state(), disk.path().display().to_string())
+            })
+            .await
+            .map_err(|_| Status::internal("request worker failed"))?;
             let root_state = root_state.unwrap_or(crate::store::RootState {
                 active: 0,
                 retired: vec![],
@@ -82,6 +88,13 @@ impl System for SystemService {
                     .as_ref()
                     .and_then(|a| a.stats().last_error)
                     .unwrap_or_default(),
+                disk_free_known: disk_state.free_bytes.is_some(),
+                disk_free_bytes: disk_state.free_bytes.unwrap_or(0),
+                disk_min_free_bytes: disk_state.limits.min_free_bytes,
+                disk_audit_reserve_bytes: disk_state.limits.audit_reserve_bytes,
+                disk_writes_refused: disk_state.writes_refused,
+                disk_audit_refused: disk_state.audit_refused,
+                store_path,
             }))
         }
         .await;

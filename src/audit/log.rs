@@ -236,6 +236,9 @@ pub(crate) struct Trees {
 /// State shared by the handle, the writer and the checkpointer.
 pub(crate) struct Shared {
     db: sled::Db,
+    /// The store's free-space guard: the log writes only above its
+    /// `audit_reserve_bytes`.
+    disk: Arc<crate::store::DiskGuard>,
     pub(crate) t: Trees,
     root: Arc<dyn RootOfTrust>,
     key_ref: SigningKeyRef,
@@ -392,6 +395,7 @@ impl AuditLog {
         let (size_tx, _) = watch::channel(tree.size);
         let shared = Arc::new(Shared {
             db,
+            disk: store.disk.clone(),
             t,
             root,
             key_ref,
@@ -472,6 +476,11 @@ impl AuditLog {
         event
             .validate()
             .map_err(|e| AuditError::InvalidEvent(e.to_string()))?;
+        // Refused up front below the reserve: never queued, never near sled.
+        self.shared
+            .disk
+            .check_audit()
+            .map_err(AuditError::from_guard)?;
         let guard = self.tx.read();
         let tx = guard.as_ref().ok_or(AuditError::Closed)?;
         self.shared.counters.queued.fetch_add(1, Ordering::Relaxed);
@@ -696,6 +705,7 @@ impl AuditLog {
                 exported,
             });
         }
+        sh.disk.check_audit().map_err(AuditError::from_guard)?;
         let current = sh.pruned.read().size;
         if target <= current {
             return Ok(PruneSummary {
@@ -902,6 +912,7 @@ impl Shared {
             return Ok(());
         };
         let last = last.min(size);
+        self.disk.check_audit().map_err(AuditError::from_guard)?;
         self.t.meta.update_and_fetch(META_EXPORTED, |old| {
             let cur = old
                 .and_then(|v| v.try_into().ok())
@@ -944,6 +955,7 @@ impl Shared {
     pub(crate) fn checkpoint(&self, now: u64) -> Result<StoredCheckpoint, AuditError> {
         let _g = self.checkpoint_lock.lock();
         let r = (|| {
+            self.disk.check_audit().map_err(AuditError::from_guard)?;
             let head = self.head();
             let checkpoint = Checkpoint {
                 origin: self.origin.clone(),
@@ -1138,6 +1150,19 @@ fn commit(sh: &Shared, tree: &mut TreeMeta, unflushed: &mut bool, batch: Vec<Box
             }
             _ => break,
         }
+    }
+    // Events queued just before the file system went below the reserve.
+    if let Err(e) = sh.disk.check_audit() {
+        let e = AuditError::from_guard(e);
+        fail_replies_with(
+            sh,
+            batch.into_iter().map(|r| (r.reply, 0)).collect(),
+            &|| match &e {
+                AuditError::LowSpace(m) => AuditError::LowSpace(m.clone()),
+                other => AuditError::Write(other.to_string()),
+            },
+        );
+        return;
     }
     let mut cr = match CompactRange::from_parts(tree.size, tree.compact.clone()) {
         Ok(c) => c,

@@ -92,6 +92,11 @@ pub enum AuditError {
     /// be restarted once space was freed.
     #[error("audit log write failed: the store is out of space ({0}); free disk space, then restart keyseald")]
     NoSpace(String),
+    /// The store's file system is below `store.audit_reserve_bytes`: the
+    /// event was not written, so sled never runs out of space (UNAVAILABLE;
+    /// works again as soon as space is freed, no restart).
+    #[error("audit log write refused: {0}; free disk space on the store's file system")]
+    LowSpace(String),
     /// A caller built an invalid event (INVALID_ARGUMENT; a bug in the caller).
     #[error("invalid audit event: {0}")]
     InvalidEvent(String),
@@ -125,6 +130,15 @@ impl From<sled::Error> for AuditError {
 }
 
 impl AuditError {
+    /// [`AuditError::LowSpace`] from a refusal of the store's free-space
+    /// guard; other store errors as they are.
+    pub fn from_guard(e: StoreError) -> AuditError {
+        match e {
+            StoreError::NoSpace(m) => AuditError::LowSpace(m),
+            other => AuditError::Store(other),
+        }
+    }
+
     /// Whether the request that produced the event must fail with
     /// UNAVAILABLE (the event could not be made durable).
     pub fn is_unavailable(&self) -> bool {
@@ -135,6 +149,7 @@ impl AuditError {
                 | AuditError::Closed
                 | AuditError::Write(_)
                 | AuditError::NoSpace(_)
+                | AuditError::LowSpace(_)
         )
     }
 

@@ -97,7 +97,7 @@ fn main() -> ExitCode {
             ),
         );
     }
-    let store = match Store::open(&cfg.store_path) {
+    let store = match Store::open_with(&cfg.store_path, cfg.disk_limits) {
         Ok(s) => s,
         Err(e) => {
             let code = match e {
@@ -193,10 +193,7 @@ async fn run(
         },
         None => None,
     };
-    let keys = match keyseal::keys::Keys::open(
-        secrets.envelope().root().clone(),
-        secrets.store().db.clone(),
-    ) {
+    let keys = match keyseal::keys::Keys::open(secrets.envelope().root().clone(), secrets.store()) {
         Ok(k) => Arc::new(k),
         Err(e) => return fail(exit::IO, format!("cannot open the key registry: {e}")),
     };

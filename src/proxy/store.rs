@@ -190,7 +190,11 @@ impl ProxyStore {
     /// Opens the proxy trees of `secrets`' store.
     pub fn open(secrets: Arc<SecretStore>) -> Result<ProxyStore, ProxyError> {
         let db = secrets.store().db.clone();
-        let ca = super::tls::ProxyCa::open(secrets.envelope().root().clone(), db.clone())?;
+        let ca = super::tls::ProxyCa::open(secrets.envelope().root().clone(), secrets.store())?;
+        let telemetry = Arc::new(super::telemetry::Telemetry::open_guarded(
+            &db,
+            secrets.store().disk.clone(),
+        )?);
         Ok(ProxyStore {
             ca,
             targets: db.open_tree(T_TARGETS)?,
@@ -204,7 +208,7 @@ impl ProxyStore {
             snapshots: RwLock::new(HashMap::new()),
             values: RwLock::new(HashMap::new()),
             log_seq: AtomicU64::new(0),
-            telemetry: Arc::new(super::telemetry::Telemetry::open(&db)?),
+            telemetry,
         })
     }
 
@@ -273,6 +277,7 @@ impl ProxyStore {
             (None, None) => {}
         }
         let _g = self.write.lock();
+        self.secrets.store().disk.check_write()?;
         if let Some(key) = client_key {
             self.secrets
                 .seal_value(super::tls::CLIENT_KEY_KIND, &t.name, key)?;
@@ -320,6 +325,7 @@ impl ProxyStore {
     /// Deletes a target that no credential or proxy uses.
     pub fn delete_target(&self, name: &str) -> Result<(), ProxyError> {
         let _g = self.write.lock();
+        self.secrets.store().disk.check_write()?;
         // Writers are serialised by the lock, so nothing can start using
         // the target between this check and the transaction.
         if let Some(user) = self.target_in_use(name)? {
@@ -386,6 +392,7 @@ impl ProxyStore {
             }
         }
         let _g = self.write.lock();
+        self.secrets.store().disk.check_write()?;
         self.get_target(&c.target)?;
         if let Some(old) = self.get_credential_opt(&c.id)? {
             if old.target != c.target {
@@ -439,6 +446,7 @@ impl ProxyStore {
     /// refuse requests from now on (the value is gone).
     pub fn delete_credential(&self, id: &str) -> Result<(), ProxyError> {
         let _g = self.write.lock();
+        self.secrets.store().disk.check_write()?;
         let sealed_key = {
             let mut k = CRED_KIND.as_bytes().to_vec();
             k.push(0);
@@ -495,6 +503,7 @@ impl ProxyStore {
             crate::apikeys::check_owner(o).map_err(|e| invalid(e.to_string()))?;
         }
         let _g = self.write.lock();
+        self.secrets.store().disk.check_write()?;
         let rec = (&self.targets, &self.creds, &self.proxies)
             .transaction(|(tt, ct, pt)| {
                 if tt.get(p.target.as_bytes())?.is_none() {
@@ -550,6 +559,7 @@ impl ProxyStore {
     /// Deletes a proxy and its rules in one transaction.
     pub fn delete_proxy(&self, name: &str) -> Result<(), ProxyError> {
         let _g = self.write.lock();
+        self.secrets.store().disk.check_write()?;
         let rule_keys: Vec<sled::IVec> = self
             .rules
             .scan_prefix(prefix(name))
@@ -579,6 +589,7 @@ impl ProxyStore {
         let compiled = CompiledRule::new(r)?;
         let r = compiled.rule;
         let _g = self.write.lock();
+        self.secrets.store().disk.check_write()?;
         let count = self.rules.scan_prefix(prefix(&r.proxy)).count();
         let key = rule_key(&r.proxy, &r.id);
         (&self.proxies, &self.rules)
@@ -616,6 +627,7 @@ impl ProxyStore {
 
     pub fn delete_rule(&self, proxy: &str, id: &str) -> Result<(), ProxyError> {
         let _g = self.write.lock();
+        self.secrets.store().disk.check_write()?;
         let key = rule_key(proxy, id);
         self.rules
             .transaction(|rt| {
@@ -690,6 +702,13 @@ impl ProxyStore {
         k.extend_from_slice(&e.time_us.to_be_bytes());
         k.extend_from_slice(&seq.to_be_bytes());
         match encode(e) {
+            // Below the free-space reserve the entry is not kept (the audit
+            // log still records the proxy's decisions).
+            Ok(_) if self.secrets.store().disk.check_write().is_err() => {
+                tracing::debug!(
+                    "request log entry dropped: the store is below its free-space reserve"
+                )
+            }
             Ok(v) => {
                 if let Err(err) = self.log.insert(k, v) {
                     tracing::warn!(error = %err, "request log write failed");
@@ -706,6 +725,7 @@ impl ProxyStore {
     /// proxies); returns how many. One range scan per proxy name, deletes
     /// applied in batches of 10 000; not flushed (like [`Self::log`]).
     pub fn prune_log(&self, before_us: u64) -> Result<u64, ProxyError> {
+        self.secrets.store().disk.check_write()?;
         let mut removed = 0u64;
         let mut from: Vec<u8> = Vec::new();
         while let Some(kv) = self.log.range(from.clone()..).next() {

@@ -557,6 +557,9 @@ pub struct Telemetry {
     callers_tree: sled::Tree,
     paths_tree: sled::Tree,
     suspended_tree: sled::Tree,
+    /// The store's free-space guard: below its reserve nothing is written
+    /// (buckets stay in memory, learning and suspensions are not persisted).
+    disk: Arc<crate::store::DiskGuard>,
     cfg: RwLock<AnomalyConfig>,
     open: Mutex<HashMap<(String, Interval, u64), Open>>,
     flush_lock: Mutex<u64>,
@@ -573,8 +576,17 @@ impl std::fmt::Debug for Telemetry {
 }
 
 impl Telemetry {
-    /// Opens the telemetry trees of `db` and loads the suspensions.
+    /// Opens the telemetry trees of `db` and loads the suspensions (no
+    /// free-space guard).
     pub fn open(db: &sled::Db) -> Result<Telemetry, ProxyError> {
+        Self::open_guarded(db, Arc::new(crate::store::DiskGuard::unlimited()))
+    }
+
+    /// [`Telemetry::open`] writing only while `disk` allows store writes.
+    pub fn open_guarded(
+        db: &sled::Db,
+        disk: Arc<crate::store::DiskGuard>,
+    ) -> Result<Telemetry, ProxyError> {
         let suspended_tree = db.open_tree(T_SUSPENDED)?;
         let mut suspended = HashMap::new();
         for kv in suspended_tree.iter() {
@@ -587,6 +599,7 @@ impl Telemetry {
             callers_tree: db.open_tree(T_CALLERS)?,
             paths_tree: db.open_tree(T_PATHS)?,
             suspended_tree,
+            disk,
             cfg: RwLock::new(AnomalyConfig::default()),
             open: Mutex::new(HashMap::new()),
             flush_lock: Mutex::new(0),
@@ -783,7 +796,9 @@ impl Telemetry {
                 let mut k = caller_key(&e.proxy, &caller);
                 k.push(0);
                 k.extend_from_slice(pattern.as_bytes());
-                if let Err(err) = self.paths_tree.insert(k, &[][..]) {
+                if self.disk.check_write().is_err() {
+                    // below the free-space reserve: remembered in memory only
+                } else if let Err(err) = self.paths_tree.insert(k, &[][..]) {
                     tracing::warn!(error = %err, "seen-path write failed");
                 }
                 st.paths.insert(pattern.clone());
@@ -799,7 +814,9 @@ impl Telemetry {
         }
         if learning {
             st.learned += 1;
-            if let Err(err) = self
+            if self.disk.check_write().is_err() {
+                // below the free-space reserve: counted in memory only
+            } else if let Err(err) = self
                 .callers_tree
                 .insert(caller_key(&e.proxy, &caller), &st.learned.to_be_bytes()[..])
             {
@@ -861,6 +878,9 @@ impl Telemetry {
             return false;
         }
         match encode(&s) {
+            Ok(_) if self.disk.check_write().is_err() => {
+                tracing::error!("suspension not persisted: the store is below its free-space reserve (kept in memory)");
+            }
             Ok(v) => {
                 if let Err(err) = self
                     .suspended_tree
@@ -913,6 +933,7 @@ impl Telemetry {
                 "suspension of {caller} on proxy {proxy:?}"
             )));
         };
+        self.disk.check_write()?;
         self.suspended_tree.remove(caller_key(proxy, &caller))?;
         self.suspended_tree.flush()?;
         w.remove(&key);
@@ -924,6 +945,7 @@ impl Telemetry {
     /// counts (its telemetry buckets stay until pruned), so a new proxy of
     /// the same name starts clean.
     pub fn forget_proxy(&self, proxy: &str) -> Result<(), ProxyError> {
+        self.disk.check_write()?;
         let mut prefix = proxy.as_bytes().to_vec();
         prefix.push(0);
         let mut w = self.suspended.write();
@@ -948,6 +970,11 @@ impl Telemetry {
     /// ones (at most hourly). `now_us` is the clock.
     pub fn flush(&self, now_us: u64) -> Result<(), ProxyError> {
         let mut last_prune = self.flush_lock.lock();
+        if self.disk.check_write().is_err() {
+            // Below the free-space reserve: the buckets stay dirty in
+            // memory and are written once space is back.
+            return Ok(());
+        }
         let mut batch = sled::Batch::default();
         let mut n = 0usize;
         {

@@ -185,6 +185,8 @@ pub struct ProxyCa {
     root: Arc<dyn RootOfTrust>,
     db: sled::Db,
     tree: sled::Tree,
+    /// The store's free-space guard, asked before the CA is created.
+    disk: Arc<crate::store::DiskGuard>,
     loaded: Mutex<Option<Arc<LoadedCa>>>,
     /// Serialises CA creation and leaf minting (one device signature each).
     mint: Mutex<()>,
@@ -199,10 +201,15 @@ impl std::fmt::Debug for ProxyCa {
 
 impl ProxyCa {
     /// Opens the CA tree; the CA itself is created on first use.
-    pub fn open(root: Arc<dyn RootOfTrust>, db: sled::Db) -> Result<ProxyCa, ProxyError> {
+    pub fn open(
+        root: Arc<dyn RootOfTrust>,
+        store: &crate::store::Store,
+    ) -> Result<ProxyCa, ProxyError> {
         let cap = NonZeroUsize::new(LEAF_CACHE).unwrap_or(NonZeroUsize::MIN);
+        let db = store.db.clone();
         Ok(ProxyCa {
             tree: db.open_tree(T_CA)?,
+            disk: store.disk.clone(),
             db,
             root,
             loaded: Mutex::new(None),
@@ -267,6 +274,7 @@ impl ProxyCa {
     }
 
     fn create(&self) -> Result<CaRecord, ProxyError> {
+        self.disk.check_write()?;
         let key_ref = self.create_key()?;
         let made = (|| {
             let spki = self

@@ -307,13 +307,14 @@ fn init(config: &std::path::Path) -> Res {
         .root
         .open()
         .map_err(|e| Failure::new(exit::of_root(&e), e.to_string(), None))?;
-    let store = keyseal::store::Store::open(&cfg.store_path).map_err(|e| {
-        Failure::new(
-            exit::IO,
-            e.to_string(),
-            Some("stop keyseald before running init"),
-        )
-    })?;
+    let store =
+        keyseal::store::Store::open_with(&cfg.store_path, cfg.disk_limits).map_err(|e| {
+            Failure::new(
+                exit::IO,
+                e.to_string(),
+                Some("stop keyseald before running init"),
+            )
+        })?;
     let existed = store
         .root_state()
         .map_err(|e| Failure::new(exit::IO, e.to_string(), None))?
@@ -643,6 +644,9 @@ async fn status(socket: &std::path::Path, json: bool) -> Res {
             "memory_locked": s.memory_locked, "caller": s.caller,
             "audit": {"enabled": s.audit_enabled, "appended": s.audit_appended, "failures": s.audit_failures,
                       "tree_size": s.audit_tree_size, "last_error": s.audit_last_error},
+            "disk": {"path": s.store_path, "free_bytes": s.disk_free_known.then_some(s.disk_free_bytes),
+                     "min_free_bytes": s.disk_min_free_bytes, "audit_reserve_bytes": s.disk_audit_reserve_bytes,
+                     "writes_refused": s.disk_writes_refused, "audit_refused": s.disk_audit_refused},
             "cache": {"entries": c.entries, "capacity": c.capacity, "hits": c.hits, "misses": c.misses,
                       "evictions": c.evictions, "root_calls": c.root_calls},
         }));
@@ -663,6 +667,27 @@ async fn status(socket: &std::path::Path, json: bool) -> Res {
         "cache:    {}/{} DEKs, {} hits, {} misses, {} evictions, {} root calls",
         c.entries, c.capacity, c.hits, c.misses, c.evictions, c.root_calls
     );
+    let mib = |b: u64| format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0));
+    if s.disk_min_free_bytes == 0 {
+        println!("disk:     free-space guard off (store.min_free_bytes = 0)");
+    } else if !s.disk_free_known {
+        println!("disk:     free space of {} unknown", s.store_path);
+    } else {
+        println!(
+            "disk:     {} free on {} (writes need {}, audit needs {}){}",
+            mib(s.disk_free_bytes),
+            s.store_path,
+            mib(s.disk_min_free_bytes),
+            mib(s.disk_audit_reserve_bytes),
+            if s.disk_audit_refused {
+                " -- WRITES AND REQUESTS REFUSED: below the audit reserve"
+            } else if s.disk_writes_refused {
+                " -- WRITES REFUSED: below store.min_free_bytes"
+            } else {
+                ""
+            }
+        );
+    }
     println!("policy:   {} rules", s.policy_rules);
     println!(
         "memory:   {}",
