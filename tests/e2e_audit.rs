@@ -6,6 +6,7 @@ mod common;
 
 use std::process::Command;
 
+use common::audit::export_and_verify;
 use common::daemon::{TestDaemon, ROOT_POLICY};
 use common::Backend;
 
@@ -45,26 +46,8 @@ fn export_verify_and_tamper(b: Backend) {
     assert_eq!(st["audit"]["enabled"], true);
     assert!(st["audit"]["tree_size"].as_u64().unwrap() >= 4, "{st}");
     assert_eq!(st["audit"]["failures"], 0);
+    export_and_verify(&d, "export1", None);
     let dir = d.dir().join("export1");
-    let out = d
-        .cli(&["audit", "export", "--out", dir.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v = d
-        .cli(&["audit", "verify", dir.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        v.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&v.stdout),
-        String::from_utf8_lossy(&v.stderr)
-    );
     let o = Command::new("openssl")
         .current_dir(&dir)
         .args([
@@ -93,7 +76,6 @@ fn export_verify_and_tamper(b: Backend) {
     let err = String::from_utf8_lossy(&v.stderr);
     assert!(err.contains("FAILED"), "{err}");
     // a second export proven consistent with the first one's checkpoint
-    let dir2 = d.dir().join("export2");
     d.put("app/b", b"x");
     let cp = std::fs::read_dir(d.dir().join("export1"))
         .unwrap()
@@ -101,32 +83,8 @@ fn export_verify_and_tamper(b: Backend) {
         .find(|e| e.file_name().to_string_lossy().starts_with("checkpoint"))
         .map(|e| e.path())
         .expect("a checkpoint file in the bundle");
-    let out = d
-        .cli(&[
-            "audit",
-            "export",
-            "--out",
-            dir2.to_str().unwrap(),
-            "--after",
-            cp.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v = d
-        .cli(&["audit", "verify", dir2.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
-    assert!(
-        String::from_utf8_lossy(&v.stdout).contains("consistent"),
-        "{}",
-        String::from_utf8_lossy(&v.stdout)
-    );
+    let report = export_and_verify(&d, "export2", Some(&cp));
+    assert!(report.contains("consistent"), "{report}");
 }
 
 fn audit_read_is_required(b: Backend) {

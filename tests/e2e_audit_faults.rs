@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::audit::export_and_verify;
 use common::daemon::{TestDaemon, ROOT_POLICY};
 use common::Backend;
 use keyseal::api::pb;
@@ -146,30 +147,6 @@ async fn all_events(c: &mut Client) -> Vec<serde_json::Value> {
     }
 }
 
-fn export_and_verify(d: &TestDaemon, name: &str) -> String {
-    let dir = d.dir().join(name);
-    let out = d
-        .cli(&["audit", "export", "--out", dir.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "export: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v = d
-        .cli(&["audit", "verify", dir.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        v.status.success(),
-        "verify: {}{}",
-        String::from_utf8_lossy(&v.stdout),
-        String::from_utf8_lossy(&v.stderr)
-    );
-    String::from_utf8_lossy(&v.stdout).into_owned()
-}
-
 fn kill_9_under_load(b: Backend) {
     let mut d = TestDaemon::start(b, ROOT_POLICY);
     let rt = runtime();
@@ -265,7 +242,7 @@ fn kill_9_under_load(b: Backend) {
             }
             (lost_puts, lost_events, events.len())
         });
-        let report = export_and_verify(&d, &format!("export-{round}"));
+        let report = export_and_verify(&d, &format!("export-{round}"), None);
         println!(
             "after restart {}: {} acknowledged puts and {} gets so far; lost puts: {}, acknowledged requests without an event: {}; {events} events; {}",
             round + 1,
@@ -331,7 +308,7 @@ fn prune_via_cli(b: Backend) {
     assert_eq!(o.status.code(), Some(65), "{}", out_text(&o));
     assert!(out_text(&o).contains("export first"), "{}", out_text(&o));
 
-    export_and_verify(&d, "export-1");
+    export_and_verify(&d, "export-1", None);
     let m1: serde_json::Value =
         serde_json::from_slice(&std::fs::read(d.dir().join("export-1/manifest.json")).unwrap())
             .unwrap();
@@ -723,7 +700,7 @@ fn full_store_disk() {
             .unwrap_or_else(|s| panic!("get {name} after space came back: {s}"));
         assert_eq!(&r.get_ref().value, value, "{name}");
     }
-    let report = export_and_verify(&d, "export-full");
+    let report = export_and_verify(&d, "export-full", None);
     println!("space freed, no restart: {report}");
 
     // Nothing corrupted: after a restart everything reads back and verifies.
@@ -733,7 +710,7 @@ fn full_store_disk() {
     for (name, value) in &acked {
         assert_eq!(&d.get(name), value, "{name} after restart");
     }
-    let report = export_and_verify(&d, "export-restart");
+    let report = export_and_verify(&d, "export-restart", None);
     println!("after restart: {report}");
     d.stop();
 }

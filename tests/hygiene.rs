@@ -23,18 +23,10 @@ use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine as _;
-use common::daemon::{TestDaemon, KEYSEALD, ROOT_POLICY};
+use common::daemon::{TestDaemon, KEYSEALD, PROXY_POLICY, ROOT_POLICY};
+use common::proxy::free_port;
 use common::Backend;
 use sha2::{Digest, Sha256};
-
-const PROXY_POLICY: &str = r#"
-[[rule]]
-name = "root: proxies"
-capabilities = ["proxy:admin"]
-names = ["**"]
-[rule.match]
-uid = 0
-"#;
 
 /// The PIN of the SoftHSM2 token made by `keyseal::testkit_hsm::SoftHsm`.
 const TEST_PIN: &str = "1234-test-pin";
@@ -214,14 +206,6 @@ fn http(port: u16, path: &str, bearer: &str) -> Vec<u8> {
     let mut resp = Vec::new();
     let _ = s.read_to_end(&mut resp);
     resp
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn proc_file(pid: u32, name: &str) -> Vec<u8> {

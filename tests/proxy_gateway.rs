@@ -5,161 +5,18 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener as StdListener, TcpStream as StdStream};
+use std::net::{SocketAddr, TcpStream as StdStream};
 use std::path::PathBuf;
-use std::process::{Command, Output};
-use std::sync::Arc;
+use std::process::Command;
 use std::time::Duration;
 
-use common::daemon::{TestDaemon, ROOT_POLICY};
+use common::daemon::{TestDaemon, PROXY_POLICY, ROOT_POLICY};
+use common::proxy::{curl, free_port, issue, ok, start_upstream, Pki, Upstream};
 use common::Backend;
 
-const PROXY_POLICY: &str = r#"
-[[rule]]
-name = "root: proxies"
-capabilities = ["proxy:admin"]
-names = ["**"]
-[rule.match]
-uid = 0
-"#;
-
 // ---------------------------------------------------------------------------
-// The echo upstream
+// Setup and helpers (shared fixtures in tests/common/proxy.rs)
 // ---------------------------------------------------------------------------
-
-struct Upstream {
-    addr: SocketAddr,
-    _rt: tokio::runtime::Runtime,
-}
-
-struct Pki {
-    ca_pem: String,
-    leaf_pem: String,
-    leaf_key_der: Vec<u8>,
-}
-
-fn pki() -> Pki {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "keyseal proxy test CA");
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let leaf_key = KeyPair::generate().unwrap();
-    let mut leaf_params = CertificateParams::new(vec![
-        "localhost".to_string(),
-        "127.0.0.1".to_string(),
-        "127.0.0.2".to_string(),
-    ])
-    .unwrap();
-    leaf_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "localhost");
-    let leaf = leaf_params.signed_by(&leaf_key, &ca, &ca_key).unwrap();
-    Pki {
-        ca_pem: ca.pem(),
-        leaf_pem: leaf.pem(),
-        leaf_key_der: leaf_key.serialize_der(),
-    }
-}
-
-async fn echo(
-    req: hyper::Request<hyper::body::Incoming>,
-) -> Result<hyper::Response<http_body_util::Full<bytes::Bytes>>, std::convert::Infallible> {
-    use http_body_util::BodyExt;
-    if req.uri().path() == "/v1/slow" {
-        tokio::time::sleep(Duration::from_secs(3)).await;
-    }
-    let headers: serde_json::Map<String, serde_json::Value> = req
-        .headers()
-        .iter()
-        .map(|(k, v)| {
-            (
-                k.as_str().to_owned(),
-                serde_json::Value::String(v.to_str().unwrap_or("").to_owned()),
-            )
-        })
-        .collect();
-    let method = req.method().to_string();
-    let path = req.uri().path().to_owned();
-    let query = req.uri().query().unwrap_or("").to_owned();
-    let body = req
-        .into_body()
-        .collect()
-        .await
-        .map(|b| b.to_bytes().len())
-        .unwrap_or(0);
-    let v = serde_json::json!({
-        "method": method, "path": path, "query": query, "headers": headers, "body_len": body,
-    });
-    let mut r = hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from(v.to_string())));
-    r.headers_mut()
-        .insert("content-type", "application/json".parse().unwrap());
-    r.headers_mut()
-        .insert("x-upstream-hop", "1".parse().unwrap());
-    r.headers_mut()
-        .insert("connection", "x-upstream-hop".parse().unwrap());
-    Ok(r)
-}
-
-fn start_upstream(ip: &str, p: &Pki) -> Upstream {
-    use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let certs = vec![CertificateDer::from_pem_slice(p.leaf_pem.as_bytes()).unwrap()];
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(p.leaf_key_der.clone()));
-    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .unwrap();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind(format!("{ip}:0")))
-        .unwrap();
-    let addr = listener.local_addr().unwrap();
-    rt.spawn(async move {
-        loop {
-            let Ok((s, _)) = listener.accept().await else {
-                continue;
-            };
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(s).await else {
-                    return;
-                };
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(
-                        hyper_util::rt::TokioIo::new(tls),
-                        hyper::service::service_fn(echo),
-                    )
-                    .await;
-            });
-        }
-    });
-    Upstream { addr, _rt: rt }
-}
-
-// ---------------------------------------------------------------------------
-// Helpers
-// ---------------------------------------------------------------------------
-
-fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 struct Env {
     d: TestDaemon,
@@ -178,9 +35,9 @@ fn setup() -> Env {
 
 /// `setup` with extra lines for the `[proxy]` section.
 fn setup_with(proxy_extra: &str) -> Env {
-    let p = pki();
-    let up = start_upstream("127.0.0.1", &p);
-    let up2 = start_upstream("127.0.0.2", &p);
+    let p = Pki::new("keyseal proxy test CA");
+    let up = start_upstream("127.0.0.1", &p, None);
+    let up2 = start_upstream("127.0.0.2", &p, None);
     let (gw, fwd) = (free_port(), free_port());
     let extra = format!(
         r#"
@@ -216,68 +73,6 @@ max_request_bytes = 4096
         gw,
         fwd,
         gw_sock,
-    }
-}
-
-fn ok(d: &TestDaemon, args: &[&str], stdin: &[u8]) -> Output {
-    let out = d.run(args, stdin);
-    assert!(
-        out.status.success(),
-        "keyseal {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-/// Issues an API key for `owner`; returns (id, key).
-fn issue(d: &TestDaemon, owner: &str, plan: Option<&str>) -> (String, String) {
-    let mut args = vec!["apikey", "issue", "--owner", owner, "--json"];
-    if let Some(p) = plan {
-        args.extend(["--plan", p]);
-    }
-    let out = ok(d, &args, b"");
-    let key = String::from_utf8(out.stdout).unwrap().trim().to_owned();
-    let meta: serde_json::Value =
-        serde_json::from_str(String::from_utf8_lossy(&out.stderr).trim()).unwrap();
-    (meta["id"].as_str().unwrap().to_owned(), key)
-}
-
-struct Http {
-    status: u16,
-    headers: String,
-    body: String,
-}
-
-impl Http {
-    fn json(&self) -> serde_json::Value {
-        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
-    }
-    fn header(&self, name: &str) -> Option<String> {
-        self.headers.lines().find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.trim()
-                .eq_ignore_ascii_case(name)
-                .then(|| v.trim().to_owned())
-        })
-    }
-}
-
-fn curl(args: &[&str]) -> Http {
-    let dir = tempfile::tempdir().unwrap();
-    let hdr = dir.path().join("h");
-    let out = Command::new("curl")
-        .args(["-sS", "--max-time", "15", "-D"])
-        .arg(&hdr)
-        .args(["-w", "\n%{http_code}"])
-        .args(args)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    Http {
-        status: code.trim().parse().unwrap_or(0),
-        headers: std::fs::read_to_string(&hdr).unwrap_or_default(),
-        body: format!("{body}{}", String::from_utf8_lossy(&out.stderr)),
     }
 }
 

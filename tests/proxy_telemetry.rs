@@ -5,108 +5,12 @@
 
 mod common;
 
-use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::PathBuf;
-use std::process::{Command, Output};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::daemon::{TestDaemon, ROOT_POLICY};
+use common::daemon::{TestDaemon, PROXY_POLICY, ROOT_POLICY};
+use common::proxy::{curl, free_port, issue, ok, start_upstream, Pki, Upstream};
 use common::Backend;
-
-const PROXY_POLICY: &str = r#"
-[[rule]]
-name = "root: proxies"
-capabilities = ["proxy:admin"]
-names = ["**"]
-[rule.match]
-uid = 0
-"#;
-
-// ---------------------------------------------------------------------------
-// The upstream: `/v1/status/NNN` answers NNN, anything else 200.
-// ---------------------------------------------------------------------------
-
-struct Upstream {
-    addr: SocketAddr,
-    _rt: tokio::runtime::Runtime,
-}
-
-async fn answer(
-    req: hyper::Request<hyper::body::Incoming>,
-) -> Result<hyper::Response<http_body_util::Full<bytes::Bytes>>, std::convert::Infallible> {
-    let status = req
-        .uri()
-        .path()
-        .strip_prefix("/v1/status/")
-        .and_then(|s| s.parse::<u16>().ok())
-        .unwrap_or(200);
-    let mut r = hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from(format!(
-        "{{\"path\":\"{}\"}}",
-        req.uri().path()
-    ))));
-    *r.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
-    if (300..400).contains(&status) {
-        r.headers_mut()
-            .insert("location", "/v1/elsewhere".parse().unwrap());
-    }
-    Ok(r)
-}
-
-fn start_upstream() -> (Upstream, String) {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
-    use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let leaf_key = KeyPair::generate().unwrap();
-    let leaf = CertificateParams::new(vec!["localhost".to_string()])
-        .unwrap()
-        .signed_by(&leaf_key, &ca, &ca_key)
-        .unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let certs = vec![CertificateDer::from_pem_slice(leaf.pem().as_bytes()).unwrap()];
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der()));
-    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .unwrap();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let addr = listener.local_addr().unwrap();
-    rt.spawn(async move {
-        loop {
-            let Ok((s, _)) = listener.accept().await else {
-                continue;
-            };
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(s).await else {
-                    return;
-                };
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(
-                        hyper_util::rt::TokioIo::new(tls),
-                        hyper::service::service_fn(answer),
-                    )
-                    .await;
-            });
-        }
-    });
-    (Upstream { addr, _rt: rt }, ca.pem())
-}
 
 // ---------------------------------------------------------------------------
 // Helpers
@@ -118,19 +22,12 @@ struct Env {
     gw: u16,
 }
 
-fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A daemon with the gateway on loopback TCP, `[proxy.anomaly]` = `anomaly`,
 /// target `vendor` (the upstream) and proxy `vendor` for owner `svc/a`
 /// (allow GET /v1/.*, deny /v1/admin.*), with `--on-anomaly on_anomaly`.
 fn setup(anomaly: &str, on_anomaly: &str) -> Env {
-    let (up, ca_pem) = start_upstream();
+    let pki = Pki::new("keyseal proxy_telemetry test CA");
+    let up = start_upstream("127.0.0.1", &pki, None);
     let gw = free_port();
     let extra = format!(
         r#"
@@ -153,7 +50,7 @@ flush_secs = 1
         &extra,
     );
     let ca: PathBuf = d.dir().join("upstream-ca.pem");
-    std::fs::write(&ca, ca_pem).unwrap();
+    std::fs::write(&ca, &pki.ca_pem).unwrap();
     let url = format!("https://localhost:{}", up.addr.port());
     ok(
         &d,
@@ -166,6 +63,7 @@ flush_secs = 1
             "--ca",
             ca.to_str().unwrap(),
         ],
+        b"",
     );
     for (name, plan) in [("vendor", None), ("lim", Some("tiny"))] {
         let mut args = vec![
@@ -184,7 +82,7 @@ flush_secs = 1
         if let Some(p) = plan {
             args.extend(["--rate-plan", p]);
         }
-        ok(&d, &args);
+        ok(&d, &args, b"");
         ok(
             &d,
             &[
@@ -200,6 +98,7 @@ flush_secs = 1
                 "--path",
                 "/v1/.*",
             ],
+            b"",
         );
         ok(
             &d,
@@ -214,60 +113,31 @@ flush_secs = 1
                 "--path",
                 "/v1/admin(/.*)?",
             ],
+            b"",
         );
     }
     Env { d, _up: up, gw }
 }
 
-fn ok(d: &TestDaemon, args: &[&str]) -> Output {
-    let out = d.run(args, b"");
-    assert!(
-        out.status.success(),
-        "keyseal {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn issue(d: &TestDaemon, owner: &str) -> (String, String) {
-    let out = ok(d, &["apikey", "issue", "--owner", owner, "--json"]);
-    let key = String::from_utf8(out.stdout).unwrap().trim().to_owned();
-    let meta: serde_json::Value =
-        serde_json::from_str(String::from_utf8_lossy(&out.stderr).trim()).unwrap();
-    (meta["id"].as_str().unwrap().to_owned(), key)
-}
-
 /// GET through the gateway; (status, body).
 fn get(e: &Env, key: &str, path: &str) -> (u16, String) {
-    let out = Command::new("curl")
-        .args(["-sS", "--max-time", "15", "-w", "\n%{http_code}", "-H"])
-        .arg(format!("Authorization: Bearer {key}"))
-        .arg(format!("http://127.0.0.1:{}/p/{path}", e.gw))
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    (code.trim().parse().unwrap_or(0), body.to_owned())
+    let r = curl(&[
+        "-H",
+        &format!("Authorization: Bearer {key}"),
+        &format!("http://127.0.0.1:{}/p/{path}", e.gw),
+    ]);
+    (r.status, r.body)
 }
 
 /// GET through the gateway's Unix socket (caller known by the kernel).
 fn get_unix(e: &Env, path: &str) -> (u16, String) {
-    let out = Command::new("curl")
-        .args([
-            "-sS",
-            "--max-time",
-            "15",
-            "-w",
-            "\n%{http_code}",
-            "--unix-socket",
-        ])
-        .arg(e.d.dir().join("proxy.sock"))
-        .arg(format!("http://localhost/p/{path}"))
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    (code.trim().parse().unwrap_or(0), body.to_owned())
+    let sock = e.d.dir().join("proxy.sock");
+    let r = curl(&[
+        "--unix-socket",
+        sock.to_str().unwrap(),
+        &format!("http://localhost/p/{path}"),
+    ]);
+    (r.status, r.body)
 }
 
 fn telemetry(d: &TestDaemon, proxy: &str, interval: &str) -> serde_json::Value {
@@ -283,6 +153,7 @@ fn telemetry(d: &TestDaemon, proxy: &str, interval: &str) -> serde_json::Value {
             "10",
             "--json",
         ],
+        b"",
     );
     serde_json::from_slice(&out.stdout).unwrap()
 }
@@ -367,6 +238,7 @@ fn anomaly_events(d: &TestDaemon, kind: &str, caller: &str) -> Vec<serde_json::V
             "1000",
             "--json",
         ],
+        b"",
     );
     String::from_utf8_lossy(&out.stdout)
         .lines()
@@ -403,7 +275,7 @@ fn telemetry_counts_match_the_requests_and_survive_restart() {
         "spike_min_count = 100000\nerror_min_count = 100000\npath_learning_requests = 100000",
         "flag",
     );
-    let (_, key) = issue(&e.d, "svc/a");
+    let (_, key) = issue(&e.d, "svc/a", None);
     let mut sent = Vec::new();
     for (path, want) in [
         ("vendor/v1/ok", 200),
@@ -452,7 +324,11 @@ fn telemetry_counts_match_the_requests_and_survive_restart() {
     assert!(b["p95_latency_us"].as_u64().unwrap() >= b["p50_latency_us"].as_u64().unwrap());
     assert!(t["suspended"].as_array().unwrap().is_empty());
     // The table form names the columns.
-    let table = ok(&e.d, &["proxy", "telemetry", "vendor", "--interval", "day"]);
+    let table = ok(
+        &e.d,
+        &["proxy", "telemetry", "vendor", "--interval", "day"],
+        b"",
+    );
     let text = String::from_utf8_lossy(&table.stdout);
     assert!(text.contains("2XX") && text.contains("P95_MS"), "{text}");
     // Bad input is refused.
@@ -477,7 +353,7 @@ fn spike_and_first_seen_path_each_raise_one_audit_event() {
     );
     // Key A: learns /v1/items/{n}, then one new pattern (used twice) and
     // the learnt one again: one first_seen_path, no spike (5 requests).
-    let (a_id, a) = issue(&e.d, "svc/a");
+    let (a_id, a) = issue(&e.d, "svc/a", None);
     for p in [
         "/v1/items/1",
         "/v1/items/2",
@@ -498,7 +374,7 @@ fn spike_and_first_seen_path_each_raise_one_audit_event() {
     // Key B: 10 requests of one pattern in (at most two) minutes with no
     // history: one spike (the two minutes cannot both reach 6), no
     // first-seen path.
-    let (b_id, b) = issue(&e.d, "svc/a");
+    let (b_id, b) = issue(&e.d, "svc/a", None);
     for i in 0..10 {
         assert_eq!(get(&e, &b, &format!("vendor/v1/items/{i}")).0, 200);
     }
@@ -514,7 +390,7 @@ fn spike_and_first_seen_path_each_raise_one_audit_event() {
     );
     assert!(anomaly_events(&e.d, "first_seen_path", &b_caller).is_empty());
     // Never a key in the audit log.
-    let out = ok(&e.d, &["audit", "query", "--op", "proxy.*", "--json"]);
+    let out = ok(&e.d, &["audit", "query", "--op", "proxy.*", "--json"], b"");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(!text.contains(&a) && !text.contains(&b));
     // The minute buckets carry the flags.
@@ -538,11 +414,11 @@ fn on_anomaly_suspend_refuses_the_caller_until_unsuspended() {
          path_learning_requests = 100000\nerror_min_count = 100000",
         "suspend",
     );
-    let show = ok(&e.d, &["proxy", "show", "vendor", "--json"]);
+    let show = ok(&e.d, &["proxy", "show", "vendor", "--json"], b"");
     let v: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
     assert_eq!(v["on_anomaly"], "suspend");
-    let (id, key) = issue(&e.d, "svc/a");
-    let (_, other) = issue(&e.d, "svc/a");
+    let (id, key) = issue(&e.d, "svc/a", None);
+    let (_, other) = issue(&e.d, "svc/a", None);
     let caller = format!("key:{id}");
     // The 4th request in a minute spikes; the caller is refused soon after.
     let mut first_refused = None;
@@ -582,7 +458,11 @@ fn on_anomaly_suspend_refuses_the_caller_until_unsuspended() {
         b"",
     );
     assert!(!out.status.success());
-    ok(&e.d, &["proxy", "unsuspend", "vendor", "--caller", &caller]);
+    ok(
+        &e.d,
+        &["proxy", "unsuspend", "vendor", "--caller", &caller],
+        b"",
+    );
     let (status, body) = get(&e, &key, "vendor/v1/items/1");
     assert_eq!(status, 200, "{body}");
     let t = telemetry(&e.d, "vendor", "hour");
@@ -598,6 +478,7 @@ fn on_anomaly_suspend_refuses_the_caller_until_unsuspended() {
     let out = ok(
         &e.d,
         &["audit", "query", "--op", "proxy.suspension.clear", "--json"],
+        b"",
     );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains(&caller), "{text}");
@@ -625,6 +506,7 @@ fn on_anomaly_suspend_refuses_the_caller_until_unsuspended() {
     ok(
         &e.d,
         &["proxy", "unsuspend", "vendor", "--caller", &kcaller],
+        b"",
     );
     assert_eq!(get_unix(&e, "vendor/v1/items/1").0, 200);
 }

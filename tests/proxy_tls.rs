@@ -7,222 +7,19 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener as StdListener, TcpStream as StdStream};
+use std::net::TcpStream as StdStream;
 use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::daemon::{TestDaemon, ROOT_POLICY};
+use common::daemon::{TestDaemon, PROXY_POLICY, ROOT_POLICY};
+use common::proxy::{curl, free_port, issue, ok, start_upstream, Pki, Upstream};
 use common::Backend;
 
-const PROXY_POLICY: &str = r#"
-[[rule]]
-name = "root: proxies"
-capabilities = ["proxy:admin"]
-names = ["**"]
-[rule.match]
-uid = 0
-"#;
-
 // ---------------------------------------------------------------------------
-// Test PKI and the echo upstream
+// Helpers (shared fixtures in tests/common/proxy.rs)
 // ---------------------------------------------------------------------------
-
-struct Pki {
-    ca_pem: String,
-    ca: rcgen::Certificate,
-    ca_key: rcgen::KeyPair,
-}
-
-impl Pki {
-    fn new(cn: &str) -> Pki {
-        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
-        let ca_key = KeyPair::generate().unwrap();
-        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        p.distinguished_name.push(rcgen::DnType::CommonName, cn);
-        let ca = p.self_signed(&ca_key).unwrap();
-        Pki {
-            ca_pem: ca.pem(),
-            ca,
-            ca_key,
-        }
-    }
-
-    /// A leaf for `names`: (cert PEM, key PEM).
-    fn leaf(&self, names: &[&str], client: bool) -> (String, String) {
-        use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, KeyPair};
-        let key = KeyPair::generate().unwrap();
-        let mut p = CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-            .unwrap();
-        p.distinguished_name
-            .push(rcgen::DnType::CommonName, names[0]);
-        if client {
-            p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        }
-        let c = p.signed_by(&key, &self.ca, &self.ca_key).unwrap();
-        (c.pem(), key.serialize_pem())
-    }
-}
-
-async fn echo(
-    req: hyper::Request<hyper::body::Incoming>,
-) -> Result<hyper::Response<http_body_util::Full<bytes::Bytes>>, std::convert::Infallible> {
-    let headers: serde_json::Map<String, serde_json::Value> = req
-        .headers()
-        .iter()
-        .map(|(k, v)| {
-            (
-                k.as_str().to_owned(),
-                serde_json::Value::String(v.to_str().unwrap_or("").to_owned()),
-            )
-        })
-        .collect();
-    let v = serde_json::json!({
-        "method": req.method().to_string(), "path": req.uri().path(),
-        "query": req.uri().query().unwrap_or(""), "headers": headers,
-    });
-    let mut r = hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from(v.to_string())));
-    r.headers_mut()
-        .insert("content-type", "application/json".parse().unwrap());
-    Ok(r)
-}
-
-struct Upstream {
-    addr: SocketAddr,
-    _rt: tokio::runtime::Runtime,
-}
-
-/// An HTTPS echo server on `ip` with a leaf of `pki` for localhost and
-/// 127.0.0.x; with `client_ca`, it requires a client certificate from it.
-fn start_upstream(ip: &str, pki: &Pki, client_ca: Option<&Pki>) -> Upstream {
-    use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let (cert, key) = pki.leaf(&["localhost", "127.0.0.1", "127.0.0.2"], false);
-    let certs = vec![CertificateDer::from_pem_slice(cert.as_bytes()).unwrap()];
-    let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .unwrap();
-    let builder = match client_ca {
-        Some(c) => {
-            let mut roots = rustls::RootCertStore::empty();
-            roots
-                .add(CertificateDer::from_pem_slice(c.ca_pem.as_bytes()).unwrap())
-                .unwrap();
-            let v = rustls::server::WebPkiClientVerifier::builder_with_provider(
-                Arc::new(roots),
-                provider,
-            )
-            .build()
-            .unwrap();
-            builder.with_client_cert_verifier(v)
-        }
-        None => builder.with_no_client_auth(),
-    };
-    let mut cfg = builder.with_single_cert(certs, key).unwrap();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind(format!("{ip}:0")))
-        .unwrap();
-    let addr = listener.local_addr().unwrap();
-    rt.spawn(async move {
-        loop {
-            let Ok((s, _)) = listener.accept().await else {
-                continue;
-            };
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(s).await else {
-                    return;
-                };
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(
-                        hyper_util::rt::TokioIo::new(tls),
-                        hyper::service::service_fn(echo),
-                    )
-                    .await;
-            });
-        }
-    });
-    Upstream { addr, _rt: rt }
-}
-
-// ---------------------------------------------------------------------------
-// Helpers
-// ---------------------------------------------------------------------------
-
-fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn ok(d: &TestDaemon, args: &[&str], stdin: &[u8]) -> Output {
-    let out = d.run(args, stdin);
-    assert!(
-        out.status.success(),
-        "keyseal {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-/// Issues an API key for `owner`; returns the key.
-fn issue(d: &TestDaemon, owner: &str) -> String {
-    let out = ok(d, &["apikey", "issue", "--owner", owner, "--json"], b"");
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
-}
-
-struct Http {
-    status: u16,
-    exit: i32,
-    headers: String,
-    body: String,
-}
-
-impl Http {
-    fn json(&self) -> serde_json::Value {
-        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
-    }
-    fn header(&self, name: &str) -> Option<String> {
-        self.headers.lines().find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.trim()
-                .eq_ignore_ascii_case(name)
-                .then(|| v.trim().to_owned())
-        })
-    }
-}
-
-fn curl(args: &[&str]) -> Http {
-    let dir = tempfile::tempdir().unwrap();
-    let hdr = dir.path().join("h");
-    let out = Command::new("curl")
-        .args(["-sS", "--max-time", "20", "-D"])
-        .arg(&hdr)
-        .args(["-w", "\n%{http_code}"])
-        .args(args)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    Http {
-        status: code.trim().parse().unwrap_or(0),
-        exit: out.status.code().unwrap_or(-1),
-        headers: std::fs::read_to_string(&hdr).unwrap_or_default(),
-        body: format!("{body}{}", String::from_utf8_lossy(&out.stderr)),
-    }
-}
 
 fn openssl(args: &[&str]) -> String {
     let out = Command::new("openssl").args(args).output().unwrap();
@@ -673,7 +470,7 @@ fn intercept_softhsm_ca_key_in_device() {
     let mut e = setup(Backend::SoftHsm);
     let secret = "INTERCEPT-secret-51ab";
     configure(&e, secret);
-    let key = issue(&e.d, "svc/a");
+    let key = issue(&e.d, "svc/a", None).1;
     let ca_path = intercept_flow(&e, secret, &key);
 
     // The CA's public key is the one of the signing key on the token.
@@ -729,7 +526,7 @@ fn intercept_swtpm() {
     let e = setup(Backend::Tpm);
     let secret = "INTERCEPT-tpm-secret-77";
     configure(&e, secret);
-    let key = issue(&e.d, "svc/a");
+    let key = issue(&e.d, "svc/a", None).1;
     intercept_flow(&e, secret, &key);
 }
 
@@ -821,7 +618,7 @@ fn upstream_mtls_client_certificate() {
         ],
         b"",
     );
-    let key_m = issue(d, "svc/m");
+    let key_m = issue(d, "svc/m", None).1;
     let bearer = format!("Authorization: Bearer {key_m}");
     let gw = format!("http://127.0.0.1:{}/p/m/v1/who", e.gw);
 

@@ -36,6 +36,16 @@ names = ["**"]
 uid = 0
 "#;
 
+/// Added to `ROOT_POLICY` by the proxy tests: root administers proxies.
+pub const PROXY_POLICY: &str = r#"
+[[rule]]
+name = "root: proxies"
+capabilities = ["proxy:admin"]
+names = ["**"]
+[rule.match]
+uid = 0
+"#;
+
 /// A running (or stopped) keyseald with its own directory.
 pub struct TestDaemon {
     pub device: Device,

@@ -11,7 +11,9 @@ use keyseal::store::Store;
 use keyseal::testkit::Swtpm;
 use keyseal::testkit_hsm::SoftHsm;
 
+pub mod audit;
 pub mod daemon;
+pub mod proxy;
 
 #[derive(Debug, Clone, Copy)]
 pub enum Backend {
