@@ -983,12 +983,16 @@ impl Gateway {
         }
         let rate = self.rate_limit(&who, &snap)?;
 
-        // Rules.
-        let headers: Vec<(String, String)> = req
-            .headers()
-            .iter()
-            .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
-            .collect();
+        // Rules. The headers are copied only when a rule looks at them.
+        let headers: Vec<(String, String)> =
+            if snap.rules.iter().any(|r| !r.rule.headers.is_empty()) {
+                req.headers()
+                    .iter()
+                    .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+                    .collect()
+            } else {
+                Vec::new()
+            };
         let query = req.uri().query().map(str::to_owned);
         let explain = evaluate(
             snap.proxy.default_effect,
@@ -1031,13 +1035,24 @@ impl Gateway {
                 ))
             }
             (Some(_), Some(c)) => {
-                let store = self.store.clone();
-                let id = c.id.clone();
-                let v = tokio::task::spawn_blocking(move || store.credential_value(&id))
-                    .await
-                    .map_err(|_| {
-                        Refusal::new(StatusCode::INTERNAL_SERVER_ERROR, "worker failed", "error")
-                    })?;
+                // A cached value needs no blocking-pool hop; a cold one may
+                // need the root device (blocking).
+                let v = match self.store.cached_credential_value(&c.id) {
+                    Some(v) => Ok(v),
+                    None => {
+                        let store = self.store.clone();
+                        let id = c.id.clone();
+                        tokio::task::spawn_blocking(move || store.credential_value(&id))
+                            .await
+                            .map_err(|_| {
+                                Refusal::new(
+                                    StatusCode::INTERNAL_SERVER_ERROR,
+                                    "worker failed",
+                                    "error",
+                                )
+                            })?
+                    }
+                };
                 match v {
                     Ok(v) => Some((c.injection.clone(), v)),
                     Err(super::model::ProxyError::NotFound(_)) => {

@@ -467,6 +467,12 @@ impl ProxyStore {
         self.changed()
     }
 
+    /// The cached unsealed value of credential `id`, if cached: never
+    /// blocks, so the proxy can skip a blocking-pool hop on the hot path.
+    pub fn cached_credential_value(&self, id: &str) -> Option<Arc<Zeroizing<Vec<u8>>>> {
+        self.values.read().get(id).cloned()
+    }
+
     /// The unsealed value of credential `id` (cached). Blocking on a cold
     /// DEK cache (the root device unwraps).
     pub fn credential_value(&self, id: &str) -> Result<Arc<Zeroizing<Vec<u8>>>, ProxyError> {
