@@ -39,8 +39,10 @@ fn init_logging(cfg: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("KEYSEAL_LOG").unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new(format!("{},tss_esapi=off", cfg.log_level))
     });
+    // No colour escapes in journald or a log file, only on a terminal.
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match cfg.log_format {
         LogFormat::Json => b.json().with_current_span(true).init(),

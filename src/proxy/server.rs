@@ -453,7 +453,9 @@ impl Gateway {
             decision: decision.to_owned(),
             rule,
         };
-        tracing::info!(
+        // Every request is in the request log and the audit log already; a
+        // line per request on stderr only at debug.
+        tracing::debug!(
             proxy = %e.proxy, caller = %e.caller, method = %e.method, path = %e.path,
             status, decision = %e.decision, rule = e.rule.as_deref().unwrap_or("-"),
             latency_us = e.latency_us, "proxied request"
