@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::daemon::{TestDaemon, ROOT_POLICY};
+use common::daemon::{audit_events, runtime, TestDaemon, ROOT_POLICY};
 use common::Backend;
 use keyseal::api::pb;
 use keyseal::client::Client;
@@ -38,14 +38,6 @@ struct Acked {
     gets: Vec<String>,
     /// The first failure this client saw (expected: the daemon went away).
     first_error: Option<String>,
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
 }
 
 /// One client: puts unique names until `stop`, and reads back every fourth.
@@ -119,55 +111,6 @@ async fn client_loop(
     (acked, failed)
 }
 
-/// Every event of the log (op, target, result), paging through Query.
-async fn all_events(c: &mut Client) -> Vec<serde_json::Value> {
-    let mut out = Vec::new();
-    let mut after = 0u64;
-    loop {
-        let r = c
-            .audit
-            .query(pb::AuditQueryRequest {
-                after_seq: after,
-                limit: 1000,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        for e in &r.events {
-            out.push(serde_json::from_str(e).unwrap());
-        }
-        if r.next_seq == 0 {
-            return out;
-        }
-        after = r.next_seq;
-    }
-}
-
-fn export_and_verify(d: &TestDaemon, name: &str) -> String {
-    let dir = d.dir().join(name);
-    let out = d
-        .cli(&["audit", "export", "--out", dir.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "export: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v = d
-        .cli(&["audit", "verify", dir.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        v.status.success(),
-        "verify: {}{}",
-        String::from_utf8_lossy(&v.stdout),
-        String::from_utf8_lossy(&v.stderr)
-    );
-    String::from_utf8_lossy(&v.stdout).into_owned()
-}
-
 fn kill_9_under_load(b: Backend) {
     let mut d = TestDaemon::start(b, ROOT_POLICY);
     let rt = runtime();
@@ -195,9 +138,7 @@ fn kill_9_under_load(b: Backend) {
             std::thread::sleep(Duration::from_millis(10));
         }
         std::thread::sleep(Duration::from_millis(rng.gen_range(1000..2000)));
-        let mut child = d.take_daemon_child().expect("daemon running");
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
+        d.kill9();
         // let the clients see the dead socket for a moment, then stop them
         std::thread::sleep(Duration::from_millis(200));
         stop.store(true, Ordering::SeqCst);
@@ -239,7 +180,7 @@ fn kill_9_under_load(b: Backend) {
                     Err(s) => lost_puts.push(format!("{name}: {}", s.code())),
                 }
             }
-            let events = all_events(&mut c).await;
+            let events = audit_events(&mut c, "").await;
             let ok: HashSet<(String, String)> = events
                 .iter()
                 .filter(|e| e["result"] == "ok")
@@ -263,7 +204,7 @@ fn kill_9_under_load(b: Backend) {
             }
             (lost_puts, lost_events, events.len())
         });
-        let report = export_and_verify(&d, &format!("export-{round}"));
+        let report = d.export_and_verify(&format!("export-{round}"));
         println!(
             "after restart {}: {} acknowledged puts and {} gets so far; lost puts: {}, acknowledged requests without an event: {}; {events} events; {}",
             round + 1,
@@ -329,7 +270,7 @@ fn prune_via_cli(b: Backend) {
     assert_eq!(o.status.code(), Some(65), "{}", out_text(&o));
     assert!(out_text(&o).contains("export first"), "{}", out_text(&o));
 
-    export_and_verify(&d, "export-1");
+    d.export_and_verify("export-1");
     let m1: serde_json::Value =
         serde_json::from_slice(&std::fs::read(d.dir().join("export-1/manifest.json")).unwrap())
             .unwrap();
@@ -673,7 +614,7 @@ fn full_store_disk() {
     d.put("after/restart", b"v2");
     let st = status_json(&d);
     assert_eq!(st["audit"]["failures"], 0, "{st}");
-    let report = export_and_verify(&d, "export-full");
+    let report = d.export_and_verify("export-full");
     println!("after restart: {report}");
     // the requests answered before the disk filled and after the restart
     // are in the log
