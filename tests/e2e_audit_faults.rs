@@ -23,8 +23,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::audit::export_and_verify;
-use common::daemon::{TestDaemon, ROOT_POLICY};
+use common::daemon::{audit_events, runtime, TestDaemon, ROOT_POLICY};
 use common::Backend;
 use keyseal::api::pb;
 use keyseal::client::Client;
@@ -41,14 +40,6 @@ struct Acked {
     gets: Vec<String>,
     /// The first failure this client saw (expected: the daemon went away).
     first_error: Option<String>,
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
 }
 
 /// One client: puts unique names until `stop`, and reads back every fourth.
@@ -122,31 +113,6 @@ async fn client_loop(
     (acked, failed)
 }
 
-/// Every event of the log (op, target, result), paging through Query.
-async fn all_events(c: &mut Client) -> Vec<serde_json::Value> {
-    let mut out = Vec::new();
-    let mut after = 0u64;
-    loop {
-        let r = c
-            .audit
-            .query(pb::AuditQueryRequest {
-                after_seq: after,
-                limit: 1000,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        for e in &r.events {
-            out.push(serde_json::from_str(e).unwrap());
-        }
-        if r.next_seq == 0 {
-            return out;
-        }
-        after = r.next_seq;
-    }
-}
-
 fn kill_9_under_load(b: Backend) {
     let mut d = TestDaemon::start(b, ROOT_POLICY);
     let rt = runtime();
@@ -174,9 +140,7 @@ fn kill_9_under_load(b: Backend) {
             std::thread::sleep(Duration::from_millis(10));
         }
         std::thread::sleep(Duration::from_millis(rng.gen_range(1000..2000)));
-        let mut child = d.take_daemon_child().expect("daemon running");
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
+        d.kill9();
         // let the clients see the dead socket for a moment, then stop them
         std::thread::sleep(Duration::from_millis(200));
         stop.store(true, Ordering::SeqCst);
@@ -218,7 +182,7 @@ fn kill_9_under_load(b: Backend) {
                     Err(s) => lost_puts.push(format!("{name}: {}", s.code())),
                 }
             }
-            let events = all_events(&mut c).await;
+            let events = audit_events(&mut c, "").await;
             let ok: HashSet<(String, String)> = events
                 .iter()
                 .filter(|e| e["result"] == "ok")
@@ -242,7 +206,7 @@ fn kill_9_under_load(b: Backend) {
             }
             (lost_puts, lost_events, events.len())
         });
-        let report = export_and_verify(&d, &format!("export-{round}"), None);
+        let report = d.export_and_verify(&format!("export-{round}"));
         println!(
             "after restart {}: {} acknowledged puts and {} gets so far; lost puts: {}, acknowledged requests without an event: {}; {events} events; {}",
             round + 1,
@@ -308,7 +272,7 @@ fn prune_via_cli(b: Backend) {
     assert_eq!(o.status.code(), Some(65), "{}", out_text(&o));
     assert!(out_text(&o).contains("export first"), "{}", out_text(&o));
 
-    export_and_verify(&d, "export-1", None);
+    d.export_and_verify("export-1");
     let m1: serde_json::Value =
         serde_json::from_slice(&std::fs::read(d.dir().join("export-1/manifest.json")).unwrap())
             .unwrap();
@@ -614,7 +578,7 @@ fn full_store_disk() {
     println!("{}", out_text(&o));
     assert!(out_text(&o).contains("WRITES REFUSED"), "{}", out_text(&o));
     // the reads (and the refused puts) are in the log
-    let events = all_events(&mut c);
+    let events = audit_events(&mut c, "");
     let events = rt.block_on(events);
     let gets = events
         .iter()
@@ -700,7 +664,7 @@ fn full_store_disk() {
             .unwrap_or_else(|s| panic!("get {name} after space came back: {s}"));
         assert_eq!(&r.get_ref().value, value, "{name}");
     }
-    let report = export_and_verify(&d, "export-full", None);
+    let report = d.export_and_verify("export-full");
     println!("space freed, no restart: {report}");
 
     // Nothing corrupted: after a restart everything reads back and verifies.
@@ -710,7 +674,7 @@ fn full_store_disk() {
     for (name, value) in &acked {
         assert_eq!(&d.get(name), value, "{name} after restart");
     }
-    let report = export_and_verify(&d, "export-restart", None);
+    let report = d.export_and_verify("export-restart");
     println!("after restart: {report}");
     d.stop();
 }

@@ -511,6 +511,41 @@ fn recovers_object_slots_leaked_by_a_dead_client() {
     assert_eq!(root.unwrap(&w2, b"id2").unwrap().expose(), dek.expose());
 }
 
+/// The first call after a crashed keyseald is a wrap (a put, a rotation's
+/// rewrap) or a signing-key creation: TPM2_Create needs a free object slot
+/// for the object it builds, and the dead client's primaries hold two of
+/// the three. Found by `tests/crash_harness.rs` (SIGKILL under load): every
+/// put failed with "no free object slots" until something loaded a blob.
+#[test]
+fn create_after_a_dead_client_frees_object_slots() {
+    let tpm = Swtpm::start().unwrap();
+    let dead_client = |tpm: &Swtpm| {
+        let dead = open(&cfg(tpm));
+        if !dead.has_version(1).unwrap() {
+            dead.create_version(1).unwrap();
+        }
+        let w = dead.wrap(1, &Dek::generate(), b"id").unwrap();
+        let key = dead
+            .create_signing_key("k", SignAlg::EcdsaP256Sha256)
+            .unwrap();
+        dead.sign(&key, b"m").unwrap();
+        std::mem::forget(dead);
+        w
+    };
+    dead_client(&tpm);
+    let dek = Dek::generate();
+    let root = open(&cfg(&tpm));
+    let w = root.wrap(1, &dek, b"first").unwrap();
+    assert_eq!(root.unwrap(&w, b"first").unwrap().expose(), dek.expose());
+    drop(root);
+    dead_client(&tpm);
+    let root = open(&cfg(&tpm));
+    let key = root
+        .create_signing_key("k2", SignAlg::EcdsaP256Sha256)
+        .unwrap();
+    root.sign(&key, b"m").unwrap();
+}
+
 #[test]
 fn objects_flushed_behind_our_back() {
     let (tpm, root) = started();

@@ -117,11 +117,12 @@ use tss_esapi::interface_types::key_bits::RsaKeyBits;
 use tss_esapi::interface_types::resource_handles::Hierarchy;
 use tss_esapi::interface_types::session_handles::{AuthSession, PolicySession};
 use tss_esapi::structures::{
-    Auth, CapabilityData, Digest, EccParameter, EccPoint, EccScheme, HashScheme, HashcheckTicket,
-    KeyedHashScheme, Name, PcrSelectionList, PcrSelectionListBuilder, PcrSlot, Private, Public,
-    PublicBuilder, PublicEccParametersBuilder, PublicKeyRsa, PublicKeyedHashParameters,
-    PublicParameters, PublicRsaParameters, PublicRsaParametersBuilder, RsaExponent, RsaScheme,
-    SensitiveData, Signature, SignatureScheme, SymmetricDefinition, SymmetricDefinitionObject,
+    Auth, CapabilityData, CreateKeyResult, Digest, EccParameter, EccPoint, EccScheme, HashScheme,
+    HashcheckTicket, KeyedHashScheme, Name, PcrSelectionList, PcrSelectionListBuilder, PcrSlot,
+    Private, Public, PublicBuilder, PublicEccParametersBuilder, PublicKeyRsa,
+    PublicKeyedHashParameters, PublicParameters, PublicRsaParameters, PublicRsaParametersBuilder,
+    RsaExponent, RsaScheme, SensitiveData, Signature, SignatureScheme, SymmetricDefinition,
+    SymmetricDefinitionObject,
 };
 use tss_esapi::tcti_ldr::TctiNameConf;
 use tss_esapi::traits::{Marshall, UnMarshall};
@@ -795,6 +796,48 @@ impl Conn {
         Ok(())
     }
 
+    /// TPM2_Create under primary `parent_id`, retrying after freeing
+    /// object slots as [`Conn::load`] does: the TPM builds the new object in
+    /// a transient slot, and after a keyseald was killed its primaries may
+    /// still hold the slots. The outer error is from freeing slots; the
+    /// inner one is the TPM's answer to the last Create.
+    fn create_under(
+        &mut self,
+        parent_id: PrimaryId,
+        template: &Public,
+        auth: Option<&Auth>,
+        data: Option<&SensitiveData>,
+    ) -> Result<Result<CreateKeyResult, tss_esapi::Error>, RootError> {
+        let mut attempt = 0;
+        loop {
+            let parent = self.primary(parent_id)?;
+            let res = self
+                .ctx
+                .execute_with_session(Some(AuthSession::Password), |ctx| {
+                    ctx.create(
+                        parent,
+                        template.clone(),
+                        auth.cloned(),
+                        data.cloned(),
+                        None,
+                        None,
+                    )
+                });
+            match res {
+                Err(e) if attempt < 2 && Self::is_object_memory(&e) => {
+                    attempt += 1;
+                    if attempt == 1 {
+                        self.evict_primaries(Some(parent_id), 1)?;
+                    } else {
+                        // Re-derives the parent on the next turn.
+                        self.flush_all_transients()?;
+                    }
+                }
+                other => return Ok(other),
+            }
+        }
+    }
+
     /// Loads `blob` under `parent` (retrying after freeing slots).
     fn load(
         &mut self,
@@ -1164,19 +1207,13 @@ impl RootOfTrust for TpmRoot {
             let template = sealed_template(with_auth, policy).map_err(|e| {
                 RootError::Device(format!("building the sealed object template: {e}"))
             })?;
-            let parent = conn.primary(PrimaryId::Root(version))?;
             let created = conn
-                .ctx
-                .execute_with_session(Some(AuthSession::Password), |ctx| {
-                    ctx.create(
-                        parent,
-                        template,
-                        auth.clone(),
-                        Some(data.clone()),
-                        None,
-                        None,
-                    )
-                })
+                .create_under(
+                    PrimaryId::Root(version),
+                    &template,
+                    auth.as_ref(),
+                    Some(&data),
+                )?
                 .map_err(|e| {
                     let what = format!("sealing a DEK under root key version {version}");
                     if classify(&e) != Class::Link {
@@ -1293,12 +1330,8 @@ impl RootOfTrust for TpmRoot {
             if alg == SignAlg::RsaPss3072Sha256 {
                 conn.check_rsa3072()?;
             }
-            let parent = conn.primary(PrimaryId::Signing)?;
             let created =
-                conn.ctx
-                    .execute_with_session(Some(AuthSession::Password), |ctx| {
-                        ctx.create(parent, template.clone(), auth.clone(), None, None, None)
-                    })
+                conn.create_under(PrimaryId::Signing, &template, auth.as_ref(), None)?
                     .map_err(|e| {
                         let what = format!("creating a TPM {} signing key", alg.as_str());
                         if let Class::Tpm {

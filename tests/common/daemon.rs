@@ -267,4 +267,55 @@ impl TestDaemon {
     pub fn take_daemon_child(&mut self) -> Option<Child> {
         self.child.take()
     }
+
+    /// SIGKILLs keyseald and reaps it (a crash: nothing is flushed or
+    /// closed). `spawn` starts it again on the same store.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("daemon running");
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+    }
+
+    /// `keyseal audit export --out DIR/name` of the whole log, then
+    /// `keyseal audit verify` of it; panics unless both succeed. Returns
+    /// the verifier's report.
+    pub fn export_and_verify(&self, name: &str) -> String {
+        super::audit::export_and_verify(self, name, None)
+    }
+}
+
+/// A small multi-threaded runtime for gRPC clients in tests.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Every event of the log with result `result` ("" for all), paging
+/// through `Audit.Query`, parsed.
+pub async fn audit_events(c: &mut keyseal::client::Client, result: &str) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    let mut after = 0u64;
+    loop {
+        let r = c
+            .audit
+            .query(keyseal::api::pb::AuditQueryRequest {
+                after_seq: after,
+                limit: 1000,
+                result: result.to_owned(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        for e in &r.events {
+            out.push(serde_json::from_str(e).unwrap());
+        }
+        if r.next_seq == 0 {
+            return out;
+        }
+        after = r.next_seq;
+    }
 }
