@@ -207,7 +207,7 @@ fn tamper_detection(b: Backend) {
     s.put(&ctx(), &n("t/b"), b"secret-b", &PutOptions::default())
         .unwrap();
     drop(s);
-    let db = sled::open(f.store_path()).unwrap();
+    let db = common::open_sled(&f.store_path());
     let versions = db.open_tree("versions").unwrap();
     let key_a: Vec<u8> = [b"t/a".as_slice(), &[0], &1u64.to_be_bytes()].concat();
     let key_b: Vec<u8> = [b"t/b".as_slice(), &[0], &1u64.to_be_bytes()].concat();
@@ -241,7 +241,7 @@ fn tamper_detection(b: Backend) {
     drop(s);
     // 3. flip bytes of b's wrapped DEK, nonce and ciphertext, one at a time:
     //    each read fails with an integrity error, never garbage
-    let db = sled::open(f.store_path()).unwrap();
+    let db = common::open_sled(&f.store_path());
     let versions = db.open_tree("versions").unwrap();
     let rec: VersionRecord = decode("versions", &rec_b).unwrap();
     let sealed = rec.sealed.clone().unwrap();
@@ -533,7 +533,7 @@ both_backends!(
 fn store_with_newer_schema_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let db = sled::open(dir.path()).unwrap();
+        let db = common::open_sled(dir.path());
         db.open_tree("meta")
             .unwrap()
             .insert(b"schema", &99u32.to_be_bytes())

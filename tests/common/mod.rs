@@ -104,3 +104,19 @@ macro_rules! both_backends {
         )*
     };
 }
+
+/// `sled::open` of a store another handle of this process has just
+/// dropped: sled's background threads can hold the file lock for a moment
+/// after the last handle goes, so a lock conflict is retried for up to 10 s.
+pub fn open_sled(path: &std::path::Path) -> sled::Db {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match sled::open(path) {
+            Ok(db) => return db,
+            Err(e) if std::time::Instant::now() < deadline && e.to_string().contains("lock") => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(e) => panic!("sled::open({}): {e}", path.display()),
+        }
+    }
+}
