@@ -367,6 +367,29 @@ struct Ctx {
 }
 
 impl Ctx {
+    /// A request's context before its caller is known: the actor is the
+    /// kernel identity of a Unix peer, filled in later for TCP peers.
+    fn new<B>(req: &Request<B>, peer: &Peer, mode: Mode) -> Ctx {
+        Ctx {
+            start: Instant::now(),
+            time_us: now_us(),
+            proxy: "-".into(),
+            caller: "-".into(),
+            method: req.method().as_str().to_owned(),
+            path: req.uri().path().to_owned(),
+            actor: match peer {
+                Peer::Unix(id) => crate::audit::Actor::peer(id),
+                Peer::Tcp(_) => crate::audit::Actor::default(),
+            },
+            tcp: match peer {
+                Peer::Unix(_) => None,
+                Peer::Tcp(t) => Some(t.clone()),
+            },
+            mode,
+            audited: false,
+        }
+    }
+
     fn set_who(&mut self, who: &Who) {
         self.caller = who.label();
         self.actor = match who {
@@ -762,24 +785,7 @@ impl Gateway {
         peer: Peer,
         mode: Mode,
     ) -> Response<RespBody> {
-        let mut ctx = Ctx {
-            start: Instant::now(),
-            time_us: now_us(),
-            proxy: "-".into(),
-            caller: "-".into(),
-            method: req.method().as_str().to_owned(),
-            path: req.uri().path().to_owned(),
-            actor: match &peer {
-                Peer::Unix(id) => crate::audit::Actor::peer(id),
-                Peer::Tcp(_) => crate::audit::Actor::default(),
-            },
-            tcp: match &peer {
-                Peer::Unix(_) => None,
-                Peer::Tcp(t) => Some(t.clone()),
-            },
-            mode,
-            audited: false,
-        };
+        let mut ctx = Ctx::new(&req, &peer, mode);
         if req.method() == Method::CONNECT {
             if mode != Mode::Forward {
                 let r = Refusal::new(
@@ -797,18 +803,22 @@ impl Gateway {
         };
         match res {
             Ok(r) => r,
-            Err(refusal) => {
-                let refusal = self.audit_refusal(&mut ctx, refusal).await;
-                self.log(
-                    &ctx,
-                    refusal.resp.status().as_u16(),
-                    refusal.decision,
-                    refusal.rule,
-                    (0, 0),
-                );
-                *refusal.resp
-            }
+            Err(refusal) => self.refuse(&mut ctx, refusal).await,
         }
+    }
+
+    /// Answers a refusal: its audit event (or the 503 when that cannot be
+    /// written), then its request-log entry.
+    async fn refuse(&self, ctx: &mut Ctx, refusal: Refusal) -> Response<RespBody> {
+        let refusal = self.audit_refusal(ctx, refusal).await;
+        self.log(
+            ctx,
+            refusal.resp.status().as_u16(),
+            refusal.decision,
+            refusal.rule,
+            (0, 0),
+        );
+        *refusal.resp
     }
 
     async fn gateway(

@@ -101,24 +101,7 @@ impl Gateway {
 
     /// One request inside an intercepted tunnel.
     async fn inner(&self, req: Request<Incoming>, t: &Tunnel) -> Response<RespBody> {
-        let mut ctx = Ctx {
-            start: Instant::now(),
-            time_us: now_us(),
-            proxy: "-".into(),
-            caller: "-".into(),
-            method: req.method().as_str().to_owned(),
-            path: req.uri().path().to_owned(),
-            actor: match &t.peer {
-                Peer::Unix(id) => crate::audit::Actor::peer(id),
-                Peer::Tcp(_) => crate::audit::Actor::default(),
-            },
-            tcp: match &t.peer {
-                Peer::Unix(_) => None,
-                Peer::Tcp(p) => Some(p.clone()),
-            },
-            mode: Mode::Forward,
-            audited: false,
-        };
+        let mut ctx = Ctx::new(&req, &t.peer, Mode::Forward);
         let res = async {
             if req.method() == Method::CONNECT {
                 return Err(Refusal::new(
@@ -153,17 +136,7 @@ impl Gateway {
         .await;
         match res {
             Ok(r) => r,
-            Err(refusal) => {
-                let refusal = self.audit_refusal(&mut ctx, refusal).await;
-                self.log(
-                    &ctx,
-                    refusal.resp.status().as_u16(),
-                    refusal.decision,
-                    refusal.rule,
-                    (0, 0),
-                );
-                *refusal.resp
-            }
+            Err(refusal) => self.refuse(&mut ctx, refusal).await,
         }
     }
 }
