@@ -126,6 +126,33 @@ impl KeysService {
         }
     }
 
+    /// `EnableVersion` / `DisableVersion`: audited as `key.enable` /
+    /// `key.disable`, capability `key:admin` on the key.
+    async fn set_version_enabled(
+        &self,
+        req: Request<pb::KeyVersionRequest>,
+        enabled: bool,
+    ) -> Result<Response<pb::KeyInfo>, Status> {
+        let op = if enabled { "key.enable" } else { "key.disable" };
+        let audit = self
+            .state
+            .audit_ctx(&req, op, Some(req.get_ref().name.as_str()));
+        let res: Result<Response<pb::KeyInfo>, Status> = async move {
+            let who = caller(&req)?;
+            let r = req.into_inner();
+            let name = parse_name(&r.name)?;
+            self.state
+                .authorize(&who, Capability::KeyAdmin, name.as_str())?;
+            let rec = self
+                .keys(move |k| k.set_enabled(&name, r.version, enabled))
+                .await?;
+            tracing::info!(key = %rec.name, version = r.version, enabled, "key version state changed");
+            Ok(Response::new(info(rec)?))
+        }
+        .await;
+        self.state.audited(audit, res).await
+    }
+
     async fn keys<T: Send + 'static>(
         &self,
         f: impl FnOnce(&crate::keys::Keys) -> Result<T, KeysError> + Send + 'static,
@@ -306,46 +333,14 @@ impl KeysApi for KeysService {
         &self,
         req: Request<pb::KeyVersionRequest>,
     ) -> Result<Response<pb::KeyInfo>, Status> {
-        let audit = self
-            .state
-            .audit_ctx(&req, "key.disable", Some(req.get_ref().name.as_str()));
-        let res: Result<Response<pb::KeyInfo>, Status> = async move {
-            let who = caller(&req)?;
-            let r = req.into_inner();
-            let name = parse_name(&r.name)?;
-            self.state
-                .authorize(&who, Capability::KeyAdmin, name.as_str())?;
-            let rec = self
-                .keys(move |k| k.set_enabled(&name, r.version, false))
-                .await?;
-            tracing::info!(key = %rec.name, version = r.version, "key version disabled");
-            Ok(Response::new(info(rec)?))
-        }
-        .await;
-        self.state.audited(audit, res).await
+        self.set_version_enabled(req, false).await
     }
 
     async fn enable_version(
         &self,
         req: Request<pb::KeyVersionRequest>,
     ) -> Result<Response<pb::KeyInfo>, Status> {
-        let audit = self
-            .state
-            .audit_ctx(&req, "key.enable", Some(req.get_ref().name.as_str()));
-        let res: Result<Response<pb::KeyInfo>, Status> = async move {
-            let who = caller(&req)?;
-            let r = req.into_inner();
-            let name = parse_name(&r.name)?;
-            self.state
-                .authorize(&who, Capability::KeyAdmin, name.as_str())?;
-            let rec = self
-                .keys(move |k| k.set_enabled(&name, r.version, true))
-                .await?;
-            tracing::info!(key = %rec.name, version = r.version, "key version enabled");
-            Ok(Response::new(info(rec)?))
-        }
-        .await;
-        self.state.audited(audit, res).await
+        self.set_version_enabled(req, true).await
     }
 
     async fn destroy(
