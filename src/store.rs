@@ -35,8 +35,21 @@ pub enum StoreError {
     Corrupt { tree: &'static str, reason: String },
 }
 
+/// Set when sled reported an I/O error in this process (see [`io_failed`]).
+static SLED_IO_FAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether sled reported an I/O error (e.g. a full disk) since start. sled
+/// 0.34 stops writing after one and its iterators spin, so store work is
+/// refused up front until keyseald restarts (`DaemonState::store_failed`).
+pub fn io_failed() -> bool {
+    SLED_IO_FAILED.load(std::sync::atomic::Ordering::SeqCst)
+}
+
 impl From<sled::Error> for StoreError {
     fn from(e: sled::Error) -> Self {
+        if matches!(e, sled::Error::Io(_)) {
+            SLED_IO_FAILED.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
         match e {
             // sled hands out clones of the error that stopped it, which
             // keep the kind and the original's Debug text but not the OS
@@ -296,6 +309,9 @@ pub struct Store {
     /// Singleton sealed values of the daemon itself (e.g. the API-key
     /// pepper, the audit HMAC key): `kind || 0x00 || name` -> `Sealed`.
     pub sealed: sled::Tree,
+    /// The directory it was opened from (`None` for [`Store::from_db`]);
+    /// the audit log keeps its files under `<dir>/audit/`.
+    pub dir: Option<PathBuf>,
 }
 
 impl Store {
@@ -346,6 +362,7 @@ impl Store {
         }
         let mut s = Self::from_db(db)?;
         s.disk = Arc::new(DiskGuard::statvfs(path, limits));
+        s.dir = Some(path.to_path_buf());
         Ok(s)
     }
 
@@ -359,6 +376,7 @@ impl Store {
             versions: db.open_tree("versions")?,
             sealed: db.open_tree("sealed")?,
             db,
+            dir: None,
         })
     }
 

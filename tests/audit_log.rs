@@ -525,33 +525,29 @@ fn restart_continues_the_log(b: Backend) {
         Err(AuditError::Closed)
     ));
     drop(log);
-    // What an interrupted batch could leave behind: keys past the recorded
-    // size (never acknowledged). Open removes them.
-    for (tree, key, value) in [
-        (
-            "audit_events",
-            11u64.to_be_bytes().to_vec(),
-            b"garbage".to_vec(),
-        ),
-        ("audit_leaves", 11u64.to_be_bytes().to_vec(), vec![9u8; 32]),
-        (
-            "audit_nodes",
-            [&[4u8][..], &0u64.to_be_bytes()].concat(),
-            vec![9u8; 32],
-        ),
-    ] {
-        s.store()
-            .db
-            .open_tree(tree)
-            .unwrap()
-            .insert(key, value)
-            .unwrap();
+    // What an interrupted batch could leave behind: a torn record after
+    // the last complete one (never acknowledged). Open cuts it off.
+    let seg = f.store_path().join("audit").join("000000000000.log");
+    let len = std::fs::metadata(&seg).unwrap().len();
+    {
+        use std::io::Write;
+        let mut w = std::fs::OpenOptions::new().append(true).open(&seg).unwrap();
+        // len 100, crc, seq 11, then only 7 of the 100 bytes.
+        w.write_all(&100u32.to_le_bytes()).unwrap();
+        w.write_all(&0u32.to_le_bytes()).unwrap();
+        w.write_all(&11u64.to_le_bytes()).unwrap();
+        w.write_all(b"garbage").unwrap();
     }
     drop(s);
 
     let s = f.reopen();
     let log = AuditLog::open(&s, cfg()).unwrap();
     assert!(log.event(11).unwrap().is_none());
+    assert_eq!(
+        std::fs::metadata(&seg).unwrap().len(),
+        len,
+        "torn record cut off"
+    );
     assert_eq!(log.head(), head);
     assert_eq!(log.origin(), origin);
     assert_eq!(log.public_key().to_pem(), pem);
@@ -1022,7 +1018,97 @@ fn measure(b: Backend) {
     );
 }
 
+/// Segment files: the log rolls over into new files, a restart without a
+/// clean close replays what followed the last saved state (across files),
+/// damage inside a file is named, and pruning removes whole files.
+fn segments_roll_replay_and_prune(b: Backend) {
+    let (f, s) = Fixture::new(b);
+    // 8 events per segment file.
+    let small = || AuditConfig {
+        segment_bits: 3,
+        ..cfg()
+    };
+    let dir = f.store_path().join("audit");
+    let segs = || {
+        let mut v: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.ends_with(".log"))
+            .collect();
+        v.sort();
+        v
+    };
+    let log = AuditLog::open(&s, small()).unwrap();
+    fill(&log, 1, 30);
+    log.checkpoint_now(NOW).unwrap();
+    fill(&log, 31, 21);
+    let head = log.head();
+    assert_eq!(head.size, 51);
+    // 51 events in files of 8: 7 files.
+    assert_eq!(segs().len(), 7, "{:?}", segs());
+    // A crash: no close, no checkpoint of the last 21 events.
+    drop(log);
+    drop(s);
+    let s = f.reopen();
+    let log = AuditLog::open(&s, small()).unwrap();
+    assert_eq!(log.head(), head, "events after the saved state replayed");
+    for seq in [1, 8, 9, 30, 31, 51] {
+        let e = log.event(seq).unwrap().unwrap();
+        assert_eq!(e.seq, seq);
+    }
+    fill(&log, 52, 13);
+    let out = export(&log, f.dir.path(), EventRange::All, None);
+    let r = verify_bundle(&out).unwrap();
+    assert_eq!((r.first_seq, r.last_seq), (Some(1), Some(64)));
+    let (ok, why) = openssl_verify(&out);
+    assert!(ok, "{why}");
+
+    // Prune through 20: files 1..=8 and 9..=16 go, 17..=24 stays (partly
+    // pruned), and what is left still verifies.
+    let p = log.prune_before(21).unwrap();
+    assert_eq!((p.pruned, p.events_removed), (20, 20));
+    assert_eq!(segs().len(), 6, "{:?}", segs());
+    assert!(log.event(20).unwrap().is_none());
+    assert_eq!(log.event(21).unwrap().unwrap().seq, 21);
+    let out = export(&log, f.dir.path(), EventRange::All, None);
+    let r = verify_bundle(&out).unwrap();
+    assert_eq!((r.first_seq, r.last_seq), (Some(21), Some(64)));
+    log.close(NOW).unwrap();
+    drop(log);
+    drop(s);
+
+    // One flipped byte inside a stored event, in its body or its record
+    // header: an export refuses, naming it (records of ~230 bytes: the 5th
+    // of the file holding events 33..=40 is event 37).
+    let seg = dir.join("000000000004.log");
+    let clean = std::fs::read(&seg).unwrap();
+    let rec = clean.len() / 8;
+    for (i, at) in [rec * 4 + 60, rec * 4].into_iter().enumerate() {
+        let mut bytes = clean.clone();
+        bytes[at] ^= 0x01;
+        std::fs::write(&seg, &bytes).unwrap();
+        let s = f.reopen();
+        let log = AuditLog::open(&s, small()).unwrap();
+        let err = log
+            .export(
+                &ExportOptions {
+                    range: EventRange::All,
+                    after: None,
+                    now: NOW,
+                },
+                &f.dir.path().join(format!("damaged-{i}")),
+            )
+            .unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            matches!(err, AuditError::Corrupt(_)) && msg.contains("event 37"),
+            "{msg}"
+        );
+    }
+}
+
 both_backends!(
+    segments_roll_replay_and_prune,
     concurrent_appends_export_verify,
     tampering_is_located,
     consecutive_exports_are_consistent,

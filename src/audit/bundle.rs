@@ -293,32 +293,19 @@ impl AuditLog {
         let mut count = 0u64;
         let (mut first_time, mut last_time) = (None, None);
         if let Some((a, b)) = range {
-            let mut leaf_iter = sh.t.leaves.range(a.to_be_bytes()..=b.to_be_bytes());
+            if a <= sh.pruned_size() {
+                return Err(AuditError::Pruned(sh.pruned_size() + 1));
+            }
             let mut expect = a;
-            for kv in sh.t.events.range(a.to_be_bytes()..=b.to_be_bytes()) {
-                let (k, bytes) = kv?;
-                let seq = u64::from_be_bytes(k.as_ref().try_into().unwrap_or([0; 8]));
-                if seq != expect {
-                    return Err(if seq > expect && expect <= sh.pruned_size() {
-                        AuditError::Pruned(sh.pruned_size() + 1)
-                    } else {
-                        AuditError::Corrupt(format!("event {expect} is missing from the store"))
-                    });
-                }
-                let stored = match leaf_iter.next() {
-                    Some(kv) => kv?.1,
-                    None => {
-                        return Err(AuditError::Corrupt(format!("leaf {seq} is missing")));
-                    }
-                };
-                let leaf = leaf_hash(&bytes);
-                if stored.as_ref() != leaf.as_slice() {
+            let read = sh.seg.range(a, b, &mut |seq, bytes, stored| {
+                let leaf = leaf_hash(bytes);
+                if *stored != leaf {
                     return Err(AuditError::Corrupt(format!(
                         "stored event {seq} does not match its leaf hash (modified in the store)"
                     )));
                 }
                 if seq == a || seq == b {
-                    let t = AuditEvent::decode(&bytes)
+                    let t = AuditEvent::decode(bytes)
                         .map_err(|e| AuditError::Corrupt(format!("event {seq}: {e}")))?
                         .time;
                     if seq == a {
@@ -328,11 +315,20 @@ impl AuditLog {
                         last_time = Some(t);
                     }
                 }
-                events.write(&bytes)?;
+                events.write(bytes)?;
                 events.write(b"\n")?;
                 leaves.write(format!("{seq} {}\n", hex::encode(leaf)).as_bytes())?;
                 count += 1;
                 expect += 1;
+                Ok(true)
+            });
+            if let Err(e) = read {
+                // Pruned while this export ran.
+                return Err(if a <= sh.pruned_size() {
+                    AuditError::Pruned(sh.pruned_size() + 1)
+                } else {
+                    e
+                });
             }
             if expect != b + 1 {
                 return Err(if a <= sh.pruned_size() {

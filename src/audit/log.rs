@@ -1,30 +1,31 @@
-//! [`AuditLog`]: the audit Merkle log in the store's sled database, written
-//! by one group-commit writer thread, with checkpoints signed by the audit
-//! key on the root device.
+//! [`AuditLog`]: the audit Merkle log, written by one group-commit writer
+//! thread, with checkpoints signed by the audit key on the root device.
 //!
-//! Trees (all in the same `sled::Db` as the store, so one flush covers both):
+//! Events, their leaf hashes and the stored subtree hashes live in the
+//! log's own append-only files under `<store>/audit/` ([`super::segment`]):
+//! completed subtrees of at least 2^[`STORED_NODE_MIN_LEVEL`] leaves are
+//! stored (one hash per 16 events; smaller subtrees are rehashed from at
+//! most 16 leaves), so any tree head or proof is O(log n) reads (O(log² n)
+//! for a proof). In the store's sled database:
 //!
-//! - `audit_events`: seq (u64 BE) → canonical event bytes.
-//! - `audit_leaves`: seq (u64 BE) → leaf hash (32 bytes).
-//! - `audit_nodes`: level (u8) ‖ index (u64 BE) → hash of the perfect
-//!   subtree of 2^level leaves starting at leaf `index << level`, written
-//!   when it completes, for levels ≥ [`STORED_NODE_MIN_LEVEL`] (one key per
-//!   16 events; smaller subtrees are rehashed from at most 16 leaves). Any
-//!   tree head or proof is then O(log n) reads (O(log² n) for a proof).
 //! - `audit_checkpoints`: tree size (u64 BE) → signed checkpoint note.
 //! - `audit_meta`: `origin`, `signing_key` (the [`SigningKeyRef`]), `tree`
-//!   (size, right-edge compact range, last event time), `pruned` (size and
-//!   compact range of the pruned prefix), `exported` (largest tree size of
-//!   an exported checkpoint).
+//!   (size, right-edge compact range and last event time of a prefix whose
+//!   derived files are synced: saved with every checkpoint), `pruned` (size
+//!   and compact range of the pruned prefix), `exported` (largest tree size
+//!   of an exported checkpoint).
 //!
 //! Group commit: [`AuditLog::append`] queues the event; the writer takes
 //! every event waiting (up to `max_batch`), assigns consecutive sequence
-//! numbers, writes events, leaves, completed subtrees and the new tree state
-//! in ONE sled transaction, then ONE `db.flush()`, and only then answers each
-//! caller. A caller that hears nothing within the deadline gets
-//! [`AuditError::Deadline`]; its event may still be written later (the log
-//! then records an attempt whose request failed — never the reverse).
-//! Checkpoints only ever cover flushed events.
+//! numbers, appends their records to the segment file with ONE write and
+//! ONE `fdatasync`, and only then answers each caller. A caller that hears
+//! nothing within the deadline gets [`AuditError::Deadline`]; its event may
+//! still be written later (the log then records an attempt whose request
+//! failed — never the reverse). A failed batch is cut off the file before
+//! the next one. At open, records after the saved tree state are read
+//! back, checked (sequence, CRC) and replayed into the tree; the first bad
+//! or incomplete record ends the log. Checkpoints only ever cover durable
+//! events.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
@@ -45,6 +46,7 @@ use super::merkle::{
     Hash, MerkleError, NodeId,
 };
 use super::note::{signature_line, valid_key_name, AuditPublicKey, Checkpoint};
+use super::segment::{Segments, Tail};
 use super::{AuditConfig, AuditError, SIGNING_KEY_LABEL};
 use crate::root::{RootOfTrust, SignAlg, SigningKeyRef};
 use crate::secrets::SecretStore;
@@ -59,10 +61,8 @@ const META_EXPORTED: &[u8] = b"exported";
 /// Completed subtrees of at least 2^this leaves are stored in `audit_nodes`.
 pub const STORED_NODE_MIN_LEVEL: u8 = 4;
 
-/// Deletions per sled batch when pruning.
-const PRUNE_CHUNK: usize = 10_000;
-
-/// The committed state of the tree, persisted in `audit_meta/tree`.
+/// The state of the tree: the writer's (every durable event) and, in
+/// `audit_meta/tree`, that of a prefix whose derived files are synced.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 struct TreeMeta {
     size: u64,
@@ -224,11 +224,8 @@ struct Counters {
     queued: AtomicU64,
 }
 
-/// The trees of the audit log.
+/// The sled trees of the audit log.
 pub(crate) struct Trees {
-    pub(crate) events: sled::Tree,
-    pub(crate) leaves: sled::Tree,
-    pub(crate) nodes: sled::Tree,
     pub(crate) checkpoints: sled::Tree,
     pub(crate) meta: sled::Tree,
 }
@@ -240,6 +237,7 @@ pub(crate) struct Shared {
     /// `audit_reserve_bytes`.
     disk: Arc<crate::store::DiskGuard>,
     pub(crate) t: Trees,
+    pub(crate) seg: Segments,
     root: Arc<dyn RootOfTrust>,
     key_ref: SigningKeyRef,
     pub(crate) public: AuditPublicKey,
@@ -252,7 +250,6 @@ pub(crate) struct Shared {
     last_error: Mutex<Option<String>>,
     fault: AtomicU8,
     closing: AtomicBool,
-    store_failed: AtomicBool,
     last_checkpoint_size: AtomicU64,
     checkpoint_lock: Mutex<()>,
     prune_lock: Mutex<()>,
@@ -325,10 +322,11 @@ impl AuditLog {
         cfg: AuditConfig,
     ) -> Result<AuditLog, AuditError> {
         let db = store.db.clone();
+        let dir = store.dir.as_ref().ok_or_else(|| {
+            AuditError::InvalidArgument("the audit log needs a store opened from a path".into())
+        })?;
+        let seg = Segments::open(dir.join("audit"), cfg.segment_bits)?;
         let t = Trees {
-            events: db.open_tree("audit_events")?,
-            leaves: db.open_tree("audit_leaves")?,
-            nodes: db.open_tree("audit_nodes")?,
             checkpoints: db.open_tree("audit_checkpoints")?,
             meta: db.open_tree("audit_meta")?,
         };
@@ -387,7 +385,14 @@ impl AuditLog {
             Some(v) => decode("audit_meta", &v)?,
             None => Pruned::default(),
         };
-        recover(&t, &db, tree.size, pruned.size)?;
+        if db
+            .tree_names()
+            .iter()
+            .any(|n| n.as_ref() == b"audit_events")
+        {
+            migrate(&db, &seg, &tree, &pruned)?;
+        }
+        let (tail, tree) = recover(&seg, &t, &db, tree)?;
         let last_checkpoint_size = match t.checkpoints.last()? {
             Some((k, _)) => u64::from_be_bytes(k.as_ref().try_into().unwrap_or([0; 8])),
             None => 0,
@@ -397,6 +402,7 @@ impl AuditLog {
             db,
             disk: store.disk.clone(),
             t,
+            seg,
             root,
             key_ref,
             public,
@@ -408,7 +414,6 @@ impl AuditLog {
             last_error: Mutex::new(None),
             fault: AtomicU8::new(0),
             closing: AtomicBool::new(false),
-            store_failed: AtomicBool::new(false),
             last_checkpoint_size: AtomicU64::new(last_checkpoint_size),
             checkpoint_lock: Mutex::new(()),
             prune_lock: Mutex::new(()),
@@ -427,7 +432,7 @@ impl AuditLog {
             let nudge = ctl_tx.clone();
             std::thread::Builder::new()
                 .name("audit-writer".into())
-                .spawn(move || writer_loop(&shared, tree, &rx, &nudge))
+                .spawn(move || writer_loop(&shared, tree, tail, &rx, &nudge))
                 .map_err(spawn_err)?
         };
         let c = {
@@ -578,7 +583,7 @@ impl AuditLog {
     /// unusable until keyseald restarts, and iterating it must be avoided
     /// (sled 0.34 iterators spin on a failed database).
     pub fn store_failed(&self) -> bool {
-        self.shared.store_failed.load(Ordering::SeqCst)
+        crate::store::io_failed()
     }
 
     /// Signs and stores a checkpoint of the current durable tree (`now`:
@@ -615,7 +620,7 @@ impl AuditLog {
 
     /// The event at `seq`, if stored.
     pub fn event(&self, seq: u64) -> Result<Option<AuditEvent>, AuditError> {
-        match self.shared.t.events.get(seq.to_be_bytes())? {
+        match self.shared.event_bytes(seq)? {
             Some(b) => {
                 Ok(Some(AuditEvent::decode(&b).map_err(|e| {
                     AuditError::Corrupt(format!("event {seq}: {e}"))
@@ -640,25 +645,23 @@ impl AuditLog {
             start = start.max(self.shared.first_seq_at_or_after(since, size)?);
         }
         let mut out = Vec::new();
-        for kv in self.shared.t.events.range(start.to_be_bytes()..) {
-            let (k, v) = kv?;
-            let seq = u64::from_be_bytes(k.as_ref().try_into().unwrap_or([0; 8]));
-            if seq > size {
-                break;
-            }
+        let mut next = None;
+        self.shared.seg.range(start, size, &mut |seq, v, _| {
             if out.len() >= limit {
-                return Ok((out, Some(seq)));
+                next = Some(seq);
+                return Ok(false);
             }
-            let ev = AuditEvent::decode(&v)
+            let ev = AuditEvent::decode(v)
                 .map_err(|e| AuditError::Corrupt(format!("event {seq}: {e}")))?;
             if filter.until.is_some_and(|u| ev.time > u) {
-                break;
+                return Ok(false);
             }
             if filter.matches(&ev) {
                 out.push(ev);
             }
-        }
-        Ok((out, None))
+            Ok(true)
+        })?;
+        Ok((out, next))
     }
 
     /// The root hash of the tree at an earlier (or the current) size.
@@ -724,49 +727,15 @@ impl AuditLog {
         };
         sh.t.meta.insert(META_PRUNED, encode(&p)?)?;
         sh.db.flush()?;
-        let keep: std::collections::HashSet<NodeId> = p.nodes.iter().map(|(id, _)| *id).collect();
         *sh.pruned.write() = p;
-
-        let mut events_removed = 0u64;
-        for tree in [&sh.t.events, &sh.t.leaves] {
-            let mut batch = sled::Batch::default();
-            let mut n = 0usize;
-            for kv in tree.range(..=target.to_be_bytes()) {
-                let (k, _) = kv?;
-                batch.remove(k);
-                n += 1;
-                if n % PRUNE_CHUNK == 0 {
-                    tree.apply_batch(std::mem::take(&mut batch))?;
-                }
-            }
-            tree.apply_batch(batch)?;
-            events_removed = events_removed.max(n as u64);
-        }
-        let mut nodes_removed = 0u64;
-        for level in STORED_NODE_MIN_LEVEL..64u8 {
-            let end_index = target >> level;
-            if end_index == 0 {
-                break;
-            }
-            let mut batch = sled::Batch::default();
-            let lo = NodeId::new(level, 0).key();
-            let hi = NodeId::new(level, end_index).key();
-            for kv in sh.t.nodes.range(lo..hi) {
-                let (k, _) = kv?;
-                if let Some(id) = NodeId::from_key(&k) {
-                    if !keep.contains(&id) {
-                        batch.remove(k);
-                        nodes_removed += 1;
-                    }
-                }
-            }
-            sh.t.nodes.apply_batch(batch)?;
-        }
-        sh.db.flush()?;
+        // Whole segments go; the rest of a partly pruned one stays on disk
+        // (unreadable through the log) until its last event is pruned.
+        let segments = sh.seg.remove_through(target)?;
+        tracing::info!(pruned = target, segments, "audit log pruned");
         Ok(PruneSummary {
             pruned: target,
-            events_removed,
-            nodes_removed,
+            events_removed: target - current,
+            nodes_removed: 0,
         })
     }
 
@@ -851,27 +820,23 @@ impl Shared {
         self.pruned.read().size
     }
 
-    /// A stored subtree hash, or `None` when it must be computed.
+    /// A stored subtree hash, or `None` when it must be computed. Callers
+    /// only ask for subtrees of the durable tree.
     pub(crate) fn node(&self, id: NodeId) -> Result<Option<Hash>, MerkleError> {
         {
             let p = self.pruned.read();
             if id.end() <= p.size {
-                if let Some((_, h)) = p.nodes.iter().find(|(n, _)| *n == id) {
-                    return Ok(Some(*h));
-                }
+                // Pruned: only the kept compact range answers.
+                return Ok(p.nodes.iter().find(|(n, _)| *n == id).map(|(_, h)| *h));
             }
         }
-        let got = if id.level == 0 {
-            self.t.leaves.get((id.index + 1).to_be_bytes())
+        let storage = |e: AuditError| MerkleError::Storage(e.to_string());
+        if id.level == 0 {
+            self.leaf(id.index + 1).map_err(storage)
+        } else if id.level >= STORED_NODE_MIN_LEVEL {
+            self.seg.node(id).map_err(storage)
         } else {
-            self.t.nodes.get(id.key())
-        }
-        .map_err(|e| MerkleError::Storage(e.to_string()))?;
-        match got {
-            Some(v) => Ok(Some(v.as_ref().try_into().map_err(|_| {
-                MerkleError::Storage(format!("stored hash of {id:?} is not 32 bytes"))
-            })?)),
-            None => Ok(None),
+            Ok(None)
         }
     }
 
@@ -879,11 +844,12 @@ impl Shared {
         subtree_hash(&mut |id| self.node(id), lo, hi).map_err(merkle_err)
     }
 
+    /// The stored leaf hash of a durable, unpruned event.
     pub(crate) fn leaf(&self, seq: u64) -> Result<Option<Hash>, AuditError> {
-        match self.t.leaves.get(seq.to_be_bytes())? {
-            Some(v) => Ok(Some(hash_from(&v, "leaf")?)),
-            None => Ok(None),
+        if seq <= self.pruned_size() || seq > self.head.lock().size {
+            return Ok(None);
         }
+        self.seg.leaf(seq)
     }
 
     pub(crate) fn exported_size(&self) -> Result<u64, AuditError> {
@@ -956,7 +922,14 @@ impl Shared {
         let _g = self.checkpoint_lock.lock();
         let r = (|| {
             self.disk.check_audit().map_err(AuditError::from_guard)?;
-            let head = self.head();
+            // One snapshot for the checkpoint and the saved tree state.
+            let state = self.head.lock().clone();
+            let head = TreeHead {
+                size: state.size,
+                root: CompactRange::from_parts(state.size, state.compact.clone())
+                    .map_err(merkle_err)?
+                    .root(),
+            };
             let checkpoint = Checkpoint {
                 origin: self.origin.clone(),
                 size: head.size,
@@ -969,6 +942,13 @@ impl Shared {
                 "{body}\n{}",
                 signature_line(&self.origin, self.public.key_id(), &sig)
             );
+            // The tree state saved beside the checkpoint covers it: its
+            // derived files are synced first, so open replays only later
+            // records.
+            self.seg.sync_derived()?;
+            if state.size > 0 {
+                self.t.meta.insert(META_TREE, encode(&state)?)?;
+            }
             self.t
                 .checkpoints
                 .insert(head.size.to_be_bytes(), note.as_bytes())?;
@@ -987,8 +967,12 @@ impl Shared {
         r
     }
 
-    pub(crate) fn event_bytes(&self, seq: u64) -> Result<Option<sled::IVec>, AuditError> {
-        Ok(self.t.events.get(seq.to_be_bytes())?)
+    /// The bytes of a durable, unpruned event.
+    pub(crate) fn event_bytes(&self, seq: u64) -> Result<Option<Vec<u8>>, AuditError> {
+        if seq == 0 || seq <= self.pruned_size() || seq > self.head.lock().size {
+            return Ok(None);
+        }
+        self.seg.event(seq)
     }
 
     fn event_time(&self, seq: u64) -> Result<u64, AuditError> {
@@ -1055,66 +1039,153 @@ impl Shared {
     }
 }
 
-fn last_seq(tree: &sled::Tree) -> Result<u64, AuditError> {
-    match tree.last()? {
-        Some((k, _)) => {
-            Ok(u64::from_be_bytes(k.as_ref().try_into().map_err(|_| {
-                AuditError::Corrupt("an audit key is not 8 bytes".into())
-            })?))
-        }
-        None => Ok(0),
+/// At open: replays the records written after the saved tree state
+/// (events acknowledged since the last checkpoint, and any written but not
+/// acknowledged before a crash), cutting the files after the last good one,
+/// and saves the resulting state.
+fn recover(
+    seg: &Segments,
+    t: &Trees,
+    db: &sled::Db,
+    saved: TreeMeta,
+) -> Result<(Tail, TreeMeta), AuditError> {
+    let mut cr = CompactRange::from_parts(saved.size, saved.compact.clone()).map_err(merkle_err)?;
+    let mut last_body: Option<Vec<u8>> = None;
+    let (tail, replayed) = seg.replay(saved.size, &mut |_, body, leaf| {
+        let mut done = Vec::new();
+        cr.append(leaf, |id, h| {
+            if id.level >= STORED_NODE_MIN_LEVEL {
+                done.push((id, *h));
+            }
+        });
+        last_body = Some(body.to_vec());
+        Ok(done)
+    })?;
+    if replayed == 0 {
+        return Ok((tail, saved));
     }
+    let last_time = match &last_body {
+        Some(b) => AuditEvent::decode(b)
+            .map_err(|e| AuditError::Corrupt(format!("event {}: {e}", cr.size())))?
+            .time
+            .max(saved.last_time),
+        None => saved.last_time,
+    };
+    let tree = TreeMeta {
+        size: cr.size(),
+        compact: cr.nodes().into_iter().map(|(_, h)| h).collect(),
+        last_time,
+    };
+    t.meta.insert(META_TREE, encode(&tree)?)?;
+    db.flush()?;
+    tracing::info!(
+        replayed,
+        size = tree.size,
+        "audit log: replayed the events written after the last saved tree state"
+    );
+    Ok((tail, tree))
 }
 
-/// At open: removes what a batch that never completed left beyond the
-/// recorded tree size (never acknowledged, never checkpointed), and checks
-/// that the recorded events are there.
-fn recover(t: &Trees, db: &sled::Db, size: u64, pruned: u64) -> Result<(), AuditError> {
-    let mut removed = 0usize;
-    for tree in [&t.events, &t.leaves] {
-        let mut batch = sled::Batch::default();
-        for kv in tree.range((size + 1).to_be_bytes()..) {
-            batch.remove(kv?.0);
-            removed += 1;
+/// Moves a log kept in sled by an earlier keyseal (trees `audit_events`,
+/// `audit_leaves`, `audit_nodes`) into the audit files, checks that the
+/// files give the saved root, then drops the old trees. Interrupted, it
+/// starts over at the next open.
+fn migrate(
+    db: &sled::Db,
+    seg: &Segments,
+    tree: &TreeMeta,
+    pruned: &Pruned,
+) -> Result<(), AuditError> {
+    for n in seg.list()? {
+        seg.remove_segment(n)?;
+    }
+    let events = db.open_tree("audit_events")?;
+    let old_nodes = db.open_tree("audit_nodes")?;
+    let mut tail = Tail {
+        seg: seg.seg_of(pruned.size + 1),
+        off: 0,
+    };
+    let mut rows: Vec<(u64, Vec<u8>, Hash)> = Vec::new();
+    let mut expect = pruned.size + 1;
+    for kv in events.range((pruned.size + 1).to_be_bytes()..=tree.size.to_be_bytes()) {
+        let (k, v) = kv?;
+        let seq = u64::from_be_bytes(k.as_ref().try_into().unwrap_or([0; 8]));
+        if seq != expect {
+            return Err(AuditError::Corrupt(format!(
+                "migrating the audit log: event {expect} is missing"
+            )));
         }
-        tree.apply_batch(batch)?;
-    }
-    for level in STORED_NODE_MIN_LEVEL..64u8 {
-        let mut batch = sled::Batch::default();
-        let from = NodeId::new(level, size >> level).key();
-        let to = NodeId::new(level + 1, 0).key();
-        for kv in t.nodes.range(from..to) {
-            batch.remove(kv?.0);
-            removed += 1;
+        expect += 1;
+        rows.push((seq, v.to_vec(), leaf_hash(&v)));
+        if rows.len() >= 4096 {
+            seg.append(&mut tail, &rows, &[])?;
+            rows.clear();
         }
-        t.nodes.apply_batch(batch)?;
     }
-    if removed > 0 {
-        tracing::warn!(
-            removed,
-            size,
-            "audit log: removed the unacknowledged remains of an interrupted write"
-        );
-        db.flush()?;
-    }
-    if size > pruned && (last_seq(&t.events)? != size || last_seq(&t.leaves)? != size) {
+    if expect != tree.size + 1 {
         return Err(AuditError::Corrupt(format!(
-            "the tree state records {size} events but the last stored event or leaf is not seq {size}"
+            "migrating the audit log: event {expect} is missing"
         )));
     }
+    let mut nodes = Vec::new();
+    for kv in old_nodes.iter() {
+        let (k, v) = kv?;
+        if let Some(id) = NodeId::from_key(&k) {
+            if id.level >= STORED_NODE_MIN_LEVEL && id.end() <= tree.size {
+                nodes.push((id, hash_from(&v, "node")?));
+            }
+        }
+    }
+    seg.append(&mut tail, &rows, &nodes)?;
+    seg.sync_derived()?;
+    let want = CompactRange::from_parts(tree.size, tree.compact.clone())
+        .map_err(merkle_err)?
+        .root();
+    let mut src = |id: NodeId| -> Result<Option<Hash>, MerkleError> {
+        if id.end() <= pruned.size {
+            return Ok(pruned.nodes.iter().find(|(n, _)| *n == id).map(|(_, h)| *h));
+        }
+        let r = if id.level == 0 {
+            seg.leaf(id.index + 1)
+        } else if id.level >= STORED_NODE_MIN_LEVEL {
+            seg.node(id)
+        } else {
+            Ok(None)
+        };
+        r.map_err(|e| MerkleError::Storage(e.to_string()))
+    };
+    let got = if tree.size == 0 {
+        merkle::empty_root()
+    } else {
+        subtree_hash(&mut src, 0, tree.size).map_err(merkle_err)?
+    };
+    if got != want {
+        return Err(AuditError::Corrupt(
+            "migrating the audit log: the moved events do not give the saved root hash".into(),
+        ));
+    }
+    for name in ["audit_events", "audit_leaves", "audit_nodes"] {
+        db.drop_tree(name)?;
+    }
+    db.flush()?;
+    tracing::info!(
+        events = tree.size - pruned.size,
+        "audit log moved from sled into its own files"
+    );
     Ok(())
 }
 
-/// The group-commit writer: one batch at a time, one flush per batch.
+/// The group-commit writer: one batch at a time, one sync per batch.
 fn writer_loop(
     sh: &Shared,
     mut tree: TreeMeta,
+    mut tail: Tail,
     rx: &Receiver<Box<Request>>,
     nudge: &mpsc::Sender<Ctl>,
 ) {
     let max_batch = sh.cfg.max_batch.max(1);
-    // Whether `tree` holds written but not yet flushed events.
-    let mut unflushed = false;
+    // Whether a failed batch may have left bytes after `tail`.
+    let mut dirty_tail = false;
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < max_batch {
@@ -1126,9 +1197,22 @@ fn writer_loop(
         sh.counters
             .queued
             .fetch_sub(batch.len() as u64, Ordering::Relaxed);
-        commit(sh, &mut tree, &mut unflushed, batch);
+        if dirty_tail {
+            match sh.seg.truncate_log(&tail) {
+                Ok(()) => dirty_tail = false,
+                Err(e) => {
+                    fail_batch(
+                        sh,
+                        batch,
+                        &format!("cannot cut a failed write off the audit log: {e}"),
+                    );
+                    continue;
+                }
+            }
+        }
+        commit(sh, &mut tree, &mut tail, &mut dirty_tail, batch);
         let last = sh.last_checkpoint_size.load(Ordering::SeqCst);
-        if !unflushed && tree.size >= last + sh.cfg.checkpoint_every_events.max(1) {
+        if tree.size >= last + sh.cfg.checkpoint_every_events.max(1) {
             let _ = nudge.send(Ctl::Nudge);
         }
     }
@@ -1137,7 +1221,13 @@ fn writer_loop(
 // Requests are boxed where they are queued (small channel slots); the
 // batch keeps them boxed rather than moving each out.
 #[allow(clippy::vec_box)]
-fn commit(sh: &Shared, tree: &mut TreeMeta, unflushed: &mut bool, batch: Vec<Box<Request>>) {
+fn commit(
+    sh: &Shared,
+    tree: &mut TreeMeta,
+    tail: &mut Tail,
+    dirty_tail: &mut bool,
+    batch: Vec<Box<Request>>,
+) {
     // Injected faults.
     loop {
         match Fault::from_u8(sh.fault.load(Ordering::SeqCst)) {
@@ -1204,55 +1294,27 @@ fn commit(sh: &Shared, tree: &mut TreeMeta, unflushed: &mut bool, batch: Vec<Box
         compact: cr.nodes().into_iter().map(|(_, h)| h).collect(),
         last_time,
     };
-    let tree_bytes = match encode(&new_tree) {
-        Ok(b) => b,
-        Err(e) => {
-            fail_replies(sh, replies, &e.to_string());
-            return;
-        }
-    };
-    // One atomic batch per tree, in this order; the tree state last. A
-    // crash or error part-way leaves only keys beyond the recorded size,
-    // which nothing reads, later batches overwrite, and open truncates.
     let started = Instant::now();
-    let written = (|| -> Result<(), sled::Error> {
-        let (mut eb, mut lb, mut nb) = (
-            sled::Batch::default(),
-            sled::Batch::default(),
-            sled::Batch::default(),
-        );
-        for (seq, bytes, leaf) in &rows {
-            eb.insert(&seq.to_be_bytes(), bytes.as_slice());
-            lb.insert(&seq.to_be_bytes(), leaf);
-        }
-        for (id, h) in &nodes {
-            nb.insert(&id.key(), h);
-        }
-        sh.t.events.apply_batch(eb)?;
-        sh.t.leaves.apply_batch(lb)?;
-        sh.t.nodes.apply_batch(nb)?;
-        sh.t.meta.insert(META_TREE, tree_bytes.as_slice())?;
-        Ok(())
-    })();
-    if let Err(e) = written {
-        fail_replies_store(sh, replies, e);
-        return;
-    }
-    let wrote = Instant::now();
-    sh.counters
-        .write_micros
-        .fetch_add(micros(wrote - started), Ordering::Relaxed);
-    *tree = new_tree;
-    *unflushed = true;
-    let flushed = sh.db.flush();
+    let written = sh.seg.append(tail, &rows, &nodes);
     sh.counters
         .flush_micros
-        .fetch_add(micros(wrote.elapsed()), Ordering::Relaxed);
-    if let Err(e) = flushed {
-        fail_replies_store(sh, replies, e);
+        .fetch_add(micros(started.elapsed()), Ordering::Relaxed);
+    if let Err(e) = written {
+        *dirty_tail = true;
+        let (no_space, msg) = match &e {
+            AuditError::NoSpace(m) => (true, m.clone()),
+            other => (false, other.to_string()),
+        };
+        fail_replies_with(sh, replies, &|| {
+            if no_space {
+                AuditError::NoSpace(msg.clone())
+            } else {
+                AuditError::Write(msg.clone())
+            }
+        });
         return;
     }
-    *unflushed = false;
+    *tree = new_tree;
     *sh.head.lock() = tree.clone();
     sh.size_tx.send_replace(tree.size);
     sh.counters
@@ -1277,19 +1339,6 @@ fn fail_batch(sh: &Shared, batch: Vec<Box<Request>>, msg: &str) {
 
 fn fail_replies(sh: &Shared, replies: Vec<(Reply, u64)>, msg: &str) {
     fail_replies_with(sh, replies, &|| AuditError::Write(msg.to_owned()));
-}
-
-/// Fails a batch on a sled error: a full disk as [`AuditError::NoSpace`].
-fn fail_replies_store(sh: &Shared, replies: Vec<(Reply, u64)>, e: sled::Error) {
-    if matches!(e, sled::Error::Io(_)) {
-        sh.store_failed.store(true, Ordering::SeqCst);
-    }
-    match crate::store::StoreError::from(e) {
-        crate::store::StoreError::NoSpace(m) => {
-            fail_replies_with(sh, replies, &|| AuditError::NoSpace(m.clone()))
-        }
-        other => fail_replies(sh, replies, &other.to_string()),
-    }
 }
 
 fn fail_replies_with(sh: &Shared, replies: Vec<(Reply, u64)>, err: &dyn Fn() -> AuditError) {

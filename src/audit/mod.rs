@@ -20,6 +20,7 @@ pub mod key;
 pub mod log;
 pub mod merkle;
 pub mod note;
+mod segment;
 
 use std::time::Duration;
 
@@ -56,6 +57,10 @@ pub struct AuditConfig {
     pub max_batch: usize,
     /// Appends waiting for the writer; beyond it appends fail at once.
     pub queue_capacity: usize,
+    /// Events per segment file, as a power of two (16: 65,536). Smaller
+    /// only to exercise segment boundaries in tests.
+    #[doc(hidden)]
+    pub segment_bits: u32,
 }
 
 impl Default for AuditConfig {
@@ -67,6 +72,7 @@ impl Default for AuditConfig {
             deadline: Duration::from_secs(2),
             max_batch: 4096,
             queue_capacity: 16_384,
+            segment_bits: segment::SEG_BITS,
         }
     }
 }
