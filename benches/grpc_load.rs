@@ -829,11 +829,23 @@ async fn audit_cost(setup: &Setup, socket: &Path, daemon: &mut ChildGuard) {
     println!();
     println!("| concurrency | audit on requests/s | p50 / p99 | audit off requests/s | p50 / p99 | on/off | on/off server CPU per request | errors (on/off) |");
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let mut group_commits = Vec::new();
     for conc in [1, 64] {
         daemon.check_alive();
         off.check_alive();
         eprintln!("grpc_load: audit on/off c={conc}");
+        let on_ch = connect(socket).await.unwrap();
+        let st0 = status(&on_ch).await;
         let on_row = get_phase("audit on", socket, daemon.pid(), conc, 1, setup.measure).await;
+        let st1 = status(&on_ch).await;
+        let (events, batches) = (
+            st1.audit_appended - st0.audit_appended,
+            st1.audit_batches - st0.audit_batches,
+        );
+        group_commits.push(format!(
+            "c={conc}: {events} audit events in {batches} group commits ({:.1} events per sync)",
+            events as f64 / batches.max(1) as f64
+        ));
         let off_row = get_phase("audit off", &home.socket, off.pid(), conc, 1, setup.measure).await;
         let (a, b) = (&on_row.m, &off_row.m);
         let ratio = a.rps / b.rps.max(1e-9);
@@ -858,6 +870,10 @@ async fn audit_cost(setup: &Setup, socket: &Path, daemon: &mut ChildGuard) {
                 if ratio >= 0.70 { "met" } else { "MISSED" }
             );
         }
+    }
+    println!();
+    for g in group_commits {
+        println!("- audit on, {g} (the status calls around the phase included)");
     }
     let how = off.stop();
     eprintln!("grpc_load: keyseald (audit off): {how}");

@@ -59,6 +59,7 @@ struct RawAudit {
     checkpoint_every_events: Option<u64>,
     checkpoint_interval_secs: Option<u64>,
     deadline_ms: Option<u64>,
+    commit_linger_us: Option<u64>,
     /// For measurement only: turns the audit log off. Must be spelled out.
     unsafe_disable: Option<bool>,
 }
@@ -370,6 +371,14 @@ impl Config {
                 ));
             }
             audit.checkpoint_interval = Duration::from_secs(t);
+        }
+        if let Some(l) = raw.audit.commit_linger_us {
+            if l > 100_000 {
+                return Err(err(
+                    "audit.commit_linger_us must be between 0 and 100000".into()
+                ));
+            }
+            audit.commit_linger = Duration::from_micros(l);
         }
         if let Some(d) = raw.audit.deadline_ms {
             if !(10..=60_000).contains(&d) {

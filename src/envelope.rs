@@ -52,6 +52,9 @@ impl Binding {
 pub struct Sealed {
     pub wrapped: WrappedDek,
     pub nonce: [u8; NONCE_LEN],
+    /// As bytes, not a sequence of u8 (same postcard encoding, decoded in
+    /// one copy instead of byte by byte).
+    #[serde(with = "serde_bytes")]
     pub ciphertext: Vec<u8>,
 }
 
@@ -244,7 +247,29 @@ impl Envelope {
         sealed: &Sealed,
     ) -> Result<Zeroizing<Vec<u8>>, EnvelopeError> {
         let dek = self.dek(binding, &sealed.wrapped)?;
-        match aead(&dek).decrypt(
+        Self::decrypt(&dek, binding, sealed)
+    }
+
+    /// Opens a sealed value only when its DEK is in the cache: `Ok(None)`
+    /// when that would take a root-device call (which may block), so a
+    /// caller on an async thread can try this first.
+    pub fn open_cached(
+        &self,
+        binding: &Binding,
+        sealed: &Sealed,
+    ) -> Result<Option<Zeroizing<Vec<u8>>>, EnvelopeError> {
+        match self.cache.get(binding.as_bytes(), Instant::now()) {
+            Some(dek) => Self::decrypt(&dek, binding, sealed).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn decrypt(
+        dek: &Dek,
+        binding: &Binding,
+        sealed: &Sealed,
+    ) -> Result<Zeroizing<Vec<u8>>, EnvelopeError> {
+        match aead(dek).decrypt(
             Nonce::from_slice(&sealed.nonce),
             Payload {
                 msg: &sealed.ciphertext,
@@ -294,6 +319,44 @@ fn aead(dek: &Dek) -> Aes256Gcm {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `serde_bytes` on `Sealed` must not change what stores already hold.
+    #[test]
+    fn sealed_encoding_is_unchanged_by_serde_bytes() {
+        #[derive(Serialize)]
+        struct OldWrapped {
+            root_version: u32,
+            blob: Vec<u8>,
+        }
+        #[derive(Serialize)]
+        struct OldSealed {
+            wrapped: OldWrapped,
+            nonce: [u8; NONCE_LEN],
+            ciphertext: Vec<u8>,
+        }
+        let blob: Vec<u8> = (0..300u32).map(|i| (i * 7) as u8).collect();
+        let ct: Vec<u8> = (0..1100u32).map(|i| (i * 13) as u8).collect();
+        let old = OldSealed {
+            wrapped: OldWrapped {
+                root_version: 3,
+                blob: blob.clone(),
+            },
+            nonce: [9; NONCE_LEN],
+            ciphertext: ct.clone(),
+        };
+        let new = Sealed {
+            wrapped: WrappedDek {
+                root_version: 3,
+                blob,
+            },
+            nonce: [9; NONCE_LEN],
+            ciphertext: ct,
+        };
+        let old_bytes = postcard::to_stdvec(&old).unwrap();
+        assert_eq!(postcard::to_stdvec(&new).unwrap(), old_bytes);
+        let back: Sealed = postcard::from_bytes(&old_bytes).unwrap();
+        assert!(back == new);
+    }
 
     #[test]
     fn cache_ttl_and_lru() {

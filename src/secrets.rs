@@ -182,6 +182,10 @@ pub enum RotationOutcome {
     Interrupted { to: u32, rewrapped: u64 },
 }
 
+/// Opens a sealed value at its binding; `Ok(None)`: declined (not cached).
+type Opener<'a> =
+    dyn Fn(&Binding, &Sealed) -> Result<Option<Zeroizing<Vec<u8>>>, EnvelopeError> + 'a;
+
 /// Errors of the secret store. Messages never contain values.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -527,6 +531,36 @@ impl SecretStore {
         name: &SecretName,
         version: Option<u64>,
     ) -> Result<SecretValue, SecretsError> {
+        match self.get_with(ctx, name, version, &|b, s| {
+            self.envelope.open(b, s).map(Some)
+        })? {
+            Some(v) => Ok(v),
+            // `open` never declines; kept total rather than panicking.
+            None => Err(SecretsError::Root(RootError::Unavailable(
+                "the value could not be opened".into(),
+            ))),
+        }
+    }
+
+    /// [`SecretStore::get`] without the root device: `Ok(None)` when the
+    /// value's DEK is not cached (then call `get` from a blocking thread).
+    /// Only store reads and in-memory crypto: fit for an async thread.
+    pub fn get_cached(
+        &self,
+        ctx: &OpCtx,
+        name: &SecretName,
+        version: Option<u64>,
+    ) -> Result<Option<SecretValue>, SecretsError> {
+        self.get_with(ctx, name, version, &|b, s| self.envelope.open_cached(b, s))
+    }
+
+    fn get_with(
+        &self,
+        ctx: &OpCtx,
+        name: &SecretName,
+        version: Option<u64>,
+        open: &Opener<'_>,
+    ) -> Result<Option<SecretValue>, SecretsError> {
         let n = name.as_str();
         let meta = self.meta(n)?.ok_or(SecretsError::NotFound)?;
         if let Some(exp) = meta.expires_at {
@@ -537,7 +571,14 @@ impl SecretStore {
         let rec = match version {
             Some(0) => return Err(SecretsError::InvalidArgument("versions start at 1".into())),
             Some(v) => self.record(n, v)?.ok_or(SecretsError::VersionNotFound(v))?,
-            None => self.latest_active(n)?.ok_or(SecretsError::NotFound)?,
+            None => {
+                // Usually the newest version is the active one: one point
+                // read instead of a reverse scan.
+                match self.record(n, meta.current_version)? {
+                    Some(r) if r.state == VersionState::Active => r,
+                    _ => self.latest_active(n)?.ok_or(SecretsError::NotFound)?,
+                }
+            }
         };
         match rec.state {
             VersionState::Deleted(_) => return Err(SecretsError::VersionDeleted(rec.version)),
@@ -548,21 +589,16 @@ impl SecretStore {
             .sealed
             .as_ref()
             .ok_or(SecretsError::VersionDestroyed(rec.version))?;
-        let value = self
-            .envelope
-            .open(&binding(n, rec.version), sealed)
-            .map_err(|e| match e {
-                EnvelopeError::Integrity => {
-                    SecretsError::Integrity(format!("{n} v{}", rec.version))
-                }
-                other => env_err(other),
-            })?;
-        Ok(SecretValue {
+        let value = open(&binding(n, rec.version), sealed).map_err(|e| match e {
+            EnvelopeError::Integrity => SecretsError::Integrity(format!("{n} v{}", rec.version)),
+            other => env_err(other),
+        })?;
+        Ok(value.map(|value| SecretValue {
             name: name.clone(),
             version: rec.version,
             value,
             created_at: rec.created_at,
-        })
+        }))
     }
 
     /// Metadata of one secret.

@@ -332,7 +332,7 @@ impl DaemonState {
             tracing::debug!(cap = %cap, name, rule = d.rule.as_deref().unwrap_or(""), "allowed");
             Ok(())
         } else {
-            tracing::info!(cap = %cap, name, "denied");
+            tracing::info!(cap = %cap, name, caller = %who.identity.actor(), "denied");
             Err(Status::permission_denied(denial_message(cap, name)))
         }
     }

@@ -82,6 +82,7 @@ impl System for SystemService {
                 audit_enabled: st.audit.is_some(),
                 audit_appended: st.audit.as_ref().map(|a| a.stats().appended).unwrap_or(0),
                 audit_failures: st.audit.as_ref().map(|a| a.stats().failures).unwrap_or(0),
+                audit_batches: st.audit.as_ref().map(|a| a.stats().batches).unwrap_or(0),
                 audit_tree_size: st.audit.as_ref().map(|a| a.head().size).unwrap_or(0),
                 audit_last_error: st
                     .audit

@@ -1175,6 +1175,9 @@ fn migrate(
     Ok(())
 }
 
+/// One step of the group-commit linger.
+const LINGER_STEP: Duration = Duration::from_micros(100);
+
 /// The group-commit writer: one batch at a time, one sync per batch.
 fn writer_loop(
     sh: &Shared,
@@ -1186,12 +1189,35 @@ fn writer_loop(
     let max_batch = sh.cfg.max_batch.max(1);
     // Whether a failed batch may have left bytes after `tail`.
     let mut dirty_tail = false;
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
+    let drain = |batch: &mut Vec<Box<Request>>| {
         while batch.len() < max_batch {
             match rx.try_recv() {
                 Ok(r) => batch.push(r),
                 Err(_) => break,
+            }
+        }
+    };
+    loop {
+        // Concurrent appenders: events arrived while the last batch was
+        // being written.
+        let (first, busy) = match rx.try_recv() {
+            Ok(r) => (r, true),
+            Err(_) => match rx.recv() {
+                Ok(r) => (r, false),
+                Err(_) => break,
+            },
+        };
+        let mut batch = vec![first];
+        drain(&mut batch);
+        if busy && !sh.cfg.commit_linger.is_zero() {
+            let until = Instant::now() + sh.cfg.commit_linger;
+            while batch.len() < max_batch && Instant::now() < until {
+                std::thread::sleep(LINGER_STEP);
+                let before = batch.len();
+                drain(&mut batch);
+                if batch.len() == before {
+                    break;
+                }
             }
         }
         sh.counters

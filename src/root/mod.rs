@@ -56,6 +56,7 @@ pub struct WrappedDek {
     pub root_version: u32,
     /// Backend-specific blob (PKCS#11: IV || AES-GCM ciphertext+tag;
     /// TPM: marshalled TPM2B_PUBLIC || TPM2B_PRIVATE of a sealed object).
+    #[serde(with = "serde_bytes")]
     pub blob: Vec<u8>,
 }
 

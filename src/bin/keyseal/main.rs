@@ -643,7 +643,7 @@ async fn status(socket: &std::path::Path, json: bool) -> Res {
             "secrets": s.secrets, "uptime_secs": s.uptime_secs, "policy_rules": s.policy_rules,
             "memory_locked": s.memory_locked, "caller": s.caller,
             "audit": {"enabled": s.audit_enabled, "appended": s.audit_appended, "failures": s.audit_failures,
-                      "tree_size": s.audit_tree_size, "last_error": s.audit_last_error},
+                      "batches": s.audit_batches, "tree_size": s.audit_tree_size, "last_error": s.audit_last_error},
             "disk": {"path": s.store_path, "free_bytes": s.disk_free_known.then_some(s.disk_free_bytes),
                      "min_free_bytes": s.disk_min_free_bytes, "audit_reserve_bytes": s.disk_audit_reserve_bytes,
                      "writes_refused": s.disk_writes_refused, "audit_refused": s.disk_audit_refused},
@@ -699,8 +699,9 @@ async fn status(socket: &std::path::Path, json: bool) -> Res {
     );
     if s.audit_enabled {
         println!(
-            "audit:    {} events durable, tree size {}, {} requests failed for want of an audit record{}",
+            "audit:    {} events durable in {} group commits, tree size {}, {} requests failed for want of an audit record{}",
             s.audit_appended,
+            s.audit_batches,
             s.audit_tree_size,
             s.audit_failures,
             if s.audit_last_error.is_empty() {
