@@ -27,9 +27,16 @@ fuzz_target!(|data: &[u8]| {
     let Some((host, port)) = split_host_port(s) else {
         return;
     };
-    assert!(!host.is_empty() && !host.contains(['/', '@', ' ']), "{host:?}");
+    assert!(
+        !host.is_empty() && !host.contains(['/', '@', ' ']),
+        "{host:?}"
+    );
     let n = Egress::normalise(&host);
-    assert_eq!(Egress::normalise(&n), n, "normalise is not idempotent for {host:?}");
+    assert_eq!(
+        Egress::normalise(&n),
+        n,
+        "normalise is not idempotent for {host:?}"
+    );
     if let Ok(ip) = n.parse::<IpAddr>() {
         assert_eq!(parse_numeric_host(&host), Some(ip), "{host:?}");
         let _ = refused_reason(ip);
