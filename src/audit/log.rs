@@ -72,6 +72,17 @@ struct TreeMeta {
     last_time: u64,
 }
 
+impl TreeMeta {
+    /// Size and root hash (from the compact range).
+    fn tree_head(&self) -> Result<TreeHead, MerkleError> {
+        let root = CompactRange::from_parts(self.size, self.compact.clone())?.root();
+        Ok(TreeHead {
+            size: self.size,
+            root,
+        })
+    }
+}
+
 /// The pruned prefix: events `1..=size` are gone; these subtree hashes
 /// (the compact range of `[0, size)`) stand in for them.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -800,10 +811,10 @@ impl Shared {
 
     pub(crate) fn head(&self) -> TreeHead {
         let h = self.head.lock();
-        let root = CompactRange::from_parts(h.size, h.compact.clone())
-            .map(|c| c.root())
-            .unwrap_or_else(|_| merkle::empty_root());
-        TreeHead { size: h.size, root }
+        h.tree_head().unwrap_or(TreeHead {
+            size: h.size,
+            root: merkle::empty_root(),
+        })
     }
 
     fn check_size(&self, size: u64) -> Result<(), AuditError> {
@@ -823,21 +834,7 @@ impl Shared {
     /// A stored subtree hash, or `None` when it must be computed. Callers
     /// only ask for subtrees of the durable tree.
     pub(crate) fn node(&self, id: NodeId) -> Result<Option<Hash>, MerkleError> {
-        {
-            let p = self.pruned.read();
-            if id.end() <= p.size {
-                // Pruned: only the kept compact range answers.
-                return Ok(p.nodes.iter().find(|(n, _)| *n == id).map(|(_, h)| *h));
-            }
-        }
-        let storage = |e: AuditError| MerkleError::Storage(e.to_string());
-        if id.level == 0 {
-            self.leaf(id.index + 1).map_err(storage)
-        } else if id.level >= STORED_NODE_MIN_LEVEL {
-            self.seg.node(id).map_err(storage)
-        } else {
-            Ok(None)
-        }
+        stored_node(&self.seg, &self.pruned.read(), id)
     }
 
     pub(crate) fn subtree(&self, lo: u64, hi: u64) -> Result<Hash, AuditError> {
@@ -924,12 +921,7 @@ impl Shared {
             self.disk.check_audit().map_err(AuditError::from_guard)?;
             // One snapshot for the checkpoint and the saved tree state.
             let state = self.head.lock().clone();
-            let head = TreeHead {
-                size: state.size,
-                root: CompactRange::from_parts(state.size, state.compact.clone())
-                    .map_err(merkle_err)?
-                    .root(),
-            };
+            let head = state.tree_head().map_err(merkle_err)?;
             let checkpoint = Checkpoint {
                 origin: self.origin.clone(),
                 size: head.size,
@@ -1039,6 +1031,24 @@ impl Shared {
     }
 }
 
+/// A stored subtree hash from the audit files, or `None` when it must be
+/// computed from its children: in the pruned prefix only the kept compact
+/// range answers; leaves and subtrees of ≥ 2^[`STORED_NODE_MIN_LEVEL`]
+/// leaves are in the files; smaller subtrees are never stored.
+fn stored_node(seg: &Segments, pruned: &Pruned, id: NodeId) -> Result<Option<Hash>, MerkleError> {
+    if id.end() <= pruned.size {
+        return Ok(pruned.nodes.iter().find(|(n, _)| *n == id).map(|(_, h)| *h));
+    }
+    let r = if id.level == 0 {
+        seg.leaf(id.index + 1)
+    } else if id.level >= STORED_NODE_MIN_LEVEL {
+        seg.node(id)
+    } else {
+        Ok(None)
+    };
+    r.map_err(|e| MerkleError::Storage(e.to_string()))
+}
+
 /// At open: replays the records written after the saved tree state
 /// (events acknowledged since the last checkpoint, and any written but not
 /// acknowledged before a crash), cutting the files after the last good one,
@@ -1138,22 +1148,8 @@ fn migrate(
     }
     seg.append(&mut tail, &rows, &nodes)?;
     seg.sync_derived()?;
-    let want = CompactRange::from_parts(tree.size, tree.compact.clone())
-        .map_err(merkle_err)?
-        .root();
-    let mut src = |id: NodeId| -> Result<Option<Hash>, MerkleError> {
-        if id.end() <= pruned.size {
-            return Ok(pruned.nodes.iter().find(|(n, _)| *n == id).map(|(_, h)| *h));
-        }
-        let r = if id.level == 0 {
-            seg.leaf(id.index + 1)
-        } else if id.level >= STORED_NODE_MIN_LEVEL {
-            seg.node(id)
-        } else {
-            Ok(None)
-        };
-        r.map_err(|e| MerkleError::Storage(e.to_string()))
-    };
+    let want = tree.tree_head().map_err(merkle_err)?.root;
+    let mut src = |id: NodeId| stored_node(seg, pruned, id);
     let got = if tree.size == 0 {
         merkle::empty_root()
     } else {

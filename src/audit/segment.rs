@@ -57,6 +57,18 @@ pub(crate) type EventVisitor<'a> = dyn FnMut(u64, &[u8], &Hash) -> Result<bool, 
 pub(crate) type Replayer<'a> =
     dyn FnMut(u64, &[u8], Hash) -> Result<Vec<(NodeId, Hash)>, AuditError> + 'a;
 
+/// A record header: `(len, crc, seq)`.
+fn header(h: &[u8; REC_HEADER as usize]) -> (u32, u32, u64) {
+    let mut w4 = [0u8; 4];
+    w4.copy_from_slice(&h[0..4]);
+    let len = u32::from_le_bytes(w4);
+    w4.copy_from_slice(&h[4..8]);
+    let crc = u32::from_le_bytes(w4);
+    let mut w8 = [0u8; 8];
+    w8.copy_from_slice(&h[8..16]);
+    (len, crc, u64::from_le_bytes(w8))
+}
+
 /// Where the next record goes: segment and byte offset in its `.log`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Tail {
@@ -442,15 +454,15 @@ impl Segments {
                     .off
                     .checked_sub(first.off)
                     .ok_or_else(|| bad("index out of order"))? as usize;
-                let hdr = buf
+                let hdr: &[u8; REC_HEADER as usize] = buf
                     .get(start..start + REC_HEADER as usize)
+                    .and_then(|h| h.try_into().ok())
                     .ok_or_else(|| bad("record beyond the index"))?;
-                let mut w = [0u8; 8];
-                w.copy_from_slice(&hdr[8..16]);
-                if u64::from_le_bytes(w) != q {
+                let (len, crc, seq) = header(hdr);
+                if seq != q {
                     return Err(bad("record has another sequence number"));
                 }
-                if hdr[0..4] != e.len.to_le_bytes() || hdr[4..8] != e.crc.to_le_bytes() {
+                if len != e.len || crc != e.crc {
                     return Err(bad("record header does not match its index entry"));
                 }
                 let body = buf
@@ -514,14 +526,8 @@ impl Segments {
             if !read_at(&s.log, &mut hdr, t.off).map_err(|e| io(&self.log_path(t.seg), e))? {
                 break;
             }
-            let mut w4 = [0u8; 4];
-            w4.copy_from_slice(&hdr[0..4]);
-            let len = u32::from_le_bytes(w4);
-            w4.copy_from_slice(&hdr[4..8]);
-            let crc = u32::from_le_bytes(w4);
-            let mut w8 = [0u8; 8];
-            w8.copy_from_slice(&hdr[8..16]);
-            if u64::from_le_bytes(w8) != seq || len > MAX_RECORD {
+            let (len, crc, rec_seq) = header(&hdr);
+            if rec_seq != seq || len > MAX_RECORD {
                 break;
             }
             let mut body = vec![0u8; len as usize];
