@@ -178,11 +178,17 @@ up_port=$(free_port)
 }
 CONF
 } >"$tmp/upstream.conf"
-chmod 600 "$tmp/upstream.conf"
-"${on_proxy_cpu[@]}" "$NGINX" -p "$tmp/upstream/" -e "$tmp/upstream/error.log" -c "$tmp/upstream.conf" >"$tmp/upstream.log" 2>&1 &
-pids+=($!)
-up_pid=$!
-wait_http "http://127.0.0.1:$up_port/" "$up_pid" upstream
+# start_nginx NAME PORT: runs nginx with $tmp/NAME.conf on the proxy's CPU,
+# waits until PORT answers; its pid is left in $started_pid.
+start_nginx() {
+  chmod 600 "$tmp/$1.conf"
+  "${on_proxy_cpu[@]}" "$NGINX" -p "$tmp/$1/" -e "$tmp/$1/error.log" -c "$tmp/$1.conf" >"$tmp/$1.log" 2>&1 &
+  started_pid=$!
+  pids+=("$started_pid")
+  wait_http "http://127.0.0.1:$2/" "$started_pid" "$1"
+}
+start_nginx upstream "$up_port"
+up_pid=$started_pid
 
 # ------------------------------------------------------------- nginx proxy
 
@@ -222,11 +228,8 @@ ngx_nolog_port=$(free_port)
 }
 CONF
 } >"$tmp/nginx.conf"
-chmod 600 "$tmp/nginx.conf"
-"${on_proxy_cpu[@]}" "$NGINX" -p "$tmp/nginx/" -e "$tmp/nginx/error.log" -c "$tmp/nginx.conf" >"$tmp/nginx.log" 2>&1 &
-pids+=($!)
-ngx_pid=$!
-wait_http "http://127.0.0.1:$ngx_port/" "$ngx_pid" nginx
+start_nginx nginx "$ngx_port"
+ngx_pid=$started_pid
 
 # ------------------------------------------------------------- keyseald
 
