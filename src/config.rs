@@ -98,6 +98,7 @@ struct RawStore {
     default_max_versions: Option<u32>,
     min_free_bytes: Option<u64>,
     audit_reserve_bytes: Option<u64>,
+    cache_bytes: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -163,6 +164,8 @@ pub struct Config {
     /// `store.min_free_bytes` / `store.audit_reserve_bytes`: the free-space
     /// reserve of the store's file system (see `docs/operations.md`).
     pub disk_limits: crate::store::DiskLimits,
+    /// `store.cache_bytes`: the cap of sled's page cache.
+    pub store_cache_bytes: u64,
     pub socket: PathBuf,
     pub socket_mode: u32,
     pub socket_group: Option<String>,
@@ -340,6 +343,16 @@ impl Config {
                 .unwrap_or(crate::store::DiskLimits::DEFAULT_AUDIT_RESERVE),
         };
         disk_limits.validate().map_err(err)?;
+        let store_cache_bytes = raw
+            .store
+            .cache_bytes
+            .unwrap_or(crate::store::DEFAULT_CACHE_BYTES);
+        if !(1 << 20..=1 << 40).contains(&store_cache_bytes) {
+            return Err(err(
+                "store.cache_bytes must be between 1048576 (1 MiB) and 1099511627776 (1 TiB)"
+                    .into(),
+            ));
+        }
         let timeout = raw.api.request_timeout_secs.unwrap_or(10);
         if timeout == 0 {
             return Err(err("api.request_timeout_secs must be at least 1".into()));
@@ -398,6 +411,7 @@ impl Config {
             max_value_bytes,
             default_max_versions,
             disk_limits,
+            store_cache_bytes,
             socket: raw
                 .api
                 .socket
@@ -452,6 +466,36 @@ impl Config {
             default_max_versions: self.default_max_versions,
             cache_capacity: self.cache_capacity,
             cache_ttl: self.cache_ttl,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_store(extra: &str) -> Result<Config, ConfigError> {
+        std::env::set_var("KEYSEAL_CONFIG_TEST_PIN", "1234");
+        Config::parse(
+            &format!(
+                "[root]\nbackend = \"pkcs11\"\n[root.pkcs11]\nmodule = \"libsofthsm2.so\"\ntoken_label = \"keyseal\"\npin_env = \"KEYSEAL_CONFIG_TEST_PIN\"\n[store]\npath = \"store\"\n{extra}"
+            ),
+            Path::new("/etc/keyseal/keyseald.toml"),
+        )
+    }
+
+    #[test]
+    fn store_cache_bytes_defaults_and_bounds() {
+        let c = with_store("").unwrap();
+        assert_eq!(c.store_cache_bytes, crate::store::DEFAULT_CACHE_BYTES);
+        let c = with_store("cache_bytes = 134217728\n").unwrap();
+        assert_eq!(c.store_cache_bytes, 128 << 20);
+        for bad in ["0", "1048575", "1099511627777"] {
+            let e = with_store(&format!("cache_bytes = {bad}\n")).unwrap_err();
+            assert!(
+                e.to_string().contains("store.cache_bytes must be between"),
+                "{bad}: {e}"
+            );
         }
     }
 }

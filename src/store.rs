@@ -75,6 +75,11 @@ pub struct RootState {
     pub rotating_to: Option<u32>,
 }
 
+/// Default cap of sled's page cache (`store.cache_bytes`): 64 MiB, where
+/// sled's own default is 1 GiB. Pages beyond it are re-read through the
+/// kernel's page cache; the DEK cache keeps hot reads off the root device.
+pub const DEFAULT_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+
 /// Free-space thresholds of the store's file system (`[store]`
 /// `min_free_bytes`, `audit_reserve_bytes`). Both 0: no guard.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -321,10 +326,23 @@ impl Store {
         Self::open_with(path, DiskLimits::default())
     }
 
-    /// [`Store::open`] with the free-space limits of `[store]`.
+    /// [`Store::open`] with the free-space limits of `[store]` and the
+    /// default page cache ([`DEFAULT_CACHE_BYTES`]).
     pub fn open_with(path: &Path, limits: DiskLimits) -> Result<Store, StoreError> {
+        Self::open_tuned(path, limits, DEFAULT_CACHE_BYTES)
+    }
+
+    /// [`Store::open_with`] with sled's page cache capped at `cache_bytes`
+    /// (`store.cache_bytes`): the bound on the memory the store's pages
+    /// take, whatever the store's size on disk.
+    pub fn open_tuned(
+        path: &Path,
+        limits: DiskLimits,
+        cache_bytes: u64,
+    ) -> Result<Store, StoreError> {
         let db = sled::Config::new()
             .path(path)
+            .cache_capacity(cache_bytes)
             .open()
             .map_err(|e| StoreError::Open {
                 path: path.display().to_string(),

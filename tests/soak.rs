@@ -15,6 +15,8 @@
 //!
 //!     cargo nextest run --test soak --no-capture                    # 60 s (CI)
 //!     KEYSEAL_SOAK_SECS=600 cargo nextest run --test soak --no-capture   # the long run
+//!     KEYSEAL_SOAK_SECS=600 KEYSEAL_SOAK_PUT_NAMES=16 KEYSEAL_SOAK_WARMUP_SECS=60 \
+//!         cargo nextest run --test soak --no-capture   # a store of constant size
 
 mod common;
 
@@ -169,6 +171,25 @@ fn soak_secs() -> u64 {
         .unwrap_or(60)
 }
 
+/// `KEYSEAL_SOAK_PUT_NAMES`: 0 (default) = every put is a new secret;
+/// N = each client overwrites its own N names in turn.
+fn put_names() -> u64 {
+    std::env::var("KEYSEAL_SOAK_PUT_NAMES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// `KEYSEAL_SOAK_WARMUP_SECS`: where growth is measured from (default
+/// 10 s, at most half the run).
+fn warmup_secs(secs: u64) -> u64 {
+    std::env::var("KEYSEAL_SOAK_WARMUP_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10)
+        .min(secs / 2)
+}
+
 fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
@@ -270,7 +291,13 @@ async fn one_op(
             }
         }
         Kind::Put => {
-            let name = format!("soak/put/{id}/{seq}");
+            // Unique names (the store grows), or N names per client
+            // overwritten in turn (`KEYSEAL_SOAK_PUT_NAMES`; the store stays
+            // the same size once every name holds `max_versions` versions).
+            let name = match put_names() {
+                0 => format!("soak/put/{id}/{seq}"),
+                n => format!("soak/put/{id}/{}", seq % n),
+            };
             let value = format!("v-{id}-{seq}-{:016x}", rand::random::<u64>()).into_bytes();
             let r = c
                 .secrets
@@ -409,7 +436,7 @@ async fn client_loop(
 fn soak_mixed_load() {
     let secs = soak_secs();
     let duration = Duration::from_secs(secs);
-    let warmup = Duration::from_secs(10.min(secs / 2));
+    let warmup = Duration::from_secs(warmup_secs(secs));
     let windows = secs.div_ceil(WINDOW.as_secs()) as usize;
 
     // keyseald reads KEYSEAL_WORKERS (src/bin/keyseald.rs) and inherits
@@ -538,7 +565,12 @@ fn soak_mixed_load() {
     // The table.
     // ------------------------------------------------------------------
     println!(
-        "soak: {CLIENTS} clients, {secs} s, keyseald workers {DAEMON_WORKERS}, load generator workers {LOAD_WORKERS}, started {started}, load average at start {load_start}, at end {load_end}"
+        "soak: {CLIENTS} clients, {secs} s, keyseald workers {DAEMON_WORKERS}, load generator workers {LOAD_WORKERS}, puts {}, warm-up {} s, started {started}, load average at start {load_start}, at end {load_end}",
+        match put_names() {
+            0 => "to new names".to_string(),
+            n => format!("overwriting {n} names per client"),
+        },
+        warmup.as_secs()
     );
     println!(
         "{:>9} {:>7} {:>7} {:>5} {:>8} {:>8} {:>8}",
@@ -644,7 +676,24 @@ fn soak_mixed_load() {
     }
 
     // Every acknowledged put reads back exactly (all of them, 16 readers).
-    let acked: Vec<(String, u64, Vec<u8>)> = stats.into_iter().flat_map(|s| s.acked).collect();
+    // With overwritten names only the newest version of each is checked
+    // (older ones are pruned past `max_versions`); with unique names every
+    // put created version 1.
+    let overwrite = put_names() > 0;
+    let mut acked: Vec<(String, u64, Vec<u8>)> = stats.into_iter().flat_map(|s| s.acked).collect();
+    if overwrite {
+        let mut newest: std::collections::BTreeMap<String, (u64, Vec<u8>)> = Default::default();
+        for (name, version, value) in acked {
+            let e = newest.entry(name).or_insert((0, Vec::new()));
+            if version > e.0 {
+                *e = (version, value);
+            }
+        }
+        acked = newest
+            .into_iter()
+            .map(|(n, (v, val))| (n, v, val))
+            .collect();
+    }
     let n_acked = acked.len();
     let readback_start = Instant::now();
     // ~1,000 reads/s were seen on a loaded machine; at least 120 s.
@@ -668,7 +717,9 @@ fn soak_mixed_load() {
                                 })
                                 .await
                             {
-                                Ok(g) if g.get_ref().value == *value && *version == 1 => {}
+                                Ok(g)
+                                    if g.get_ref().value == *value
+                                        && (overwrite || *version == 1) => {}
                                 Ok(_) => wrong.push(format!("{name} v{version}: wrong value")),
                                 Err(s) => wrong.push(format!("{name} v{version}: {s:?}")),
                             }

@@ -99,7 +99,7 @@ fn main() -> ExitCode {
             ),
         );
     }
-    let store = match Store::open_with(&cfg.store_path, cfg.disk_limits) {
+    let store = match Store::open_tuned(&cfg.store_path, cfg.disk_limits, cfg.store_cache_bytes) {
         Ok(s) => s,
         Err(e) => {
             let code = match e {

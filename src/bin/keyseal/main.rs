@@ -308,13 +308,14 @@ fn init(config: &std::path::Path) -> Res {
         .open()
         .map_err(|e| Failure::new(exit::of_root(&e), e.to_string(), None))?;
     let store =
-        keyseal::store::Store::open_with(&cfg.store_path, cfg.disk_limits).map_err(|e| {
-            Failure::new(
-                exit::IO,
-                e.to_string(),
-                Some("stop keyseald before running init"),
-            )
-        })?;
+        keyseal::store::Store::open_tuned(&cfg.store_path, cfg.disk_limits, cfg.store_cache_bytes)
+            .map_err(|e| {
+                Failure::new(
+                    exit::IO,
+                    e.to_string(),
+                    Some("stop keyseald before running init"),
+                )
+            })?;
     let existed = store
         .root_state()
         .map_err(|e| Failure::new(exit::IO, e.to_string(), None))?
