@@ -5,7 +5,9 @@
 //!    Ed25519 and RSA-PSS-3072 on a SoftHSM2 token, against a raw
 //!    in-process `cryptoki` sign loop on the same token with the same
 //!    mechanisms (ECDSA: SHA-256 in software + `CKM_ECDSA`, as keyseald
-//!    does; Ed25519: `CKM_EDDSA`; RSA: `CKM_SHA256_RSA_PKCS_PSS`). Both
+//!    does; Ed25519: `CKM_EDDSA`; RSA: `CKM_SHA256_RSA_PKCS_PSS`), once
+//!    with a session key and once with a token key made like keyseald's
+//!    (the like-for-like baseline: keyseald's keys must persist). Both
 //!    cores: keyseald runs with `KEYSEAL_WORKERS=2` and is not pinned; the
 //!    raw loop runs on 1 and on 2 threads (one logged-in session each) while
 //!    keyseald is idle. The load generator is a 1-worker tokio runtime in
@@ -146,7 +148,7 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    // Phases: 3 algs × (2 raw + 3 daemon) + 2 × 3 verify, with slack each.
+    // Phases: 3 algs × (4 raw + 3 daemon) + 2 × 3 verify, with slack each.
     let budget = Duration::from_secs(240) + (WARMUP + measure + REQUEST_TIMEOUT) * 30;
     let code = rt.block_on(async {
         use tokio::signal::unix::{signal, SignalKind};
@@ -169,7 +171,10 @@ fn main() {
 // ------------------------------------------------------------ raw cryptoki
 
 /// The baseline: `threads` threads, each with its own logged-in session,
-/// sign `MESSAGE` with a session key of `alg` for warm-up + `measure`.
+/// sign `MESSAGE` with a key of `alg` for warm-up + `measure`: a session
+/// key (`token` false) or a token key with the attributes keyseald gives
+/// its signing keys (`token` true: persistent, private, sensitive, not
+/// extractable; SoftHSM2 re-checks a token object's file on each use).
 /// Returns (signatures/s, this process's CPU in cores over the window).
 fn raw_sign(
     ctx: &Pkcs11,
@@ -177,6 +182,7 @@ fn raw_sign(
     pin: &str,
     alg: Alg,
     threads: usize,
+    token: bool,
     measure: Duration,
 ) -> (f64, f64) {
     let keygen = ctx.open_rw_session(slot).unwrap();
@@ -201,15 +207,15 @@ fn raw_sign(
         ),
     };
     let mut public = public;
-    public.extend([Attribute::Token(false), Attribute::Verify(true)]);
+    public.extend([Attribute::Token(token), Attribute::Verify(true)]);
     let private = [
-        Attribute::Token(false),
+        Attribute::Token(token),
         Attribute::Private(true),
         Attribute::Sensitive(true),
         Attribute::Extractable(false),
         Attribute::Sign(true),
     ];
-    let (_pubkey, key) = keygen.generate_key_pair(&mech, &public, &private).unwrap();
+    let (pubkey, key) = keygen.generate_key_pair(&mech, &public, &private).unwrap();
     let start = Instant::now();
     let warm_end = start + WARMUP;
     let end = warm_end + measure;
@@ -240,6 +246,10 @@ fn raw_sign(
         stop.store(true, Ordering::Relaxed);
         cpu = ((n1 - n0) as f64, c1 - c0);
     });
+    if token {
+        keygen.destroy_object(key).unwrap();
+        keygen.destroy_object(pubkey).unwrap();
+    }
     let w = measure.as_secs_f64();
     (cpu.0 / w, cpu.1 / w)
 }
@@ -483,15 +493,18 @@ async fn run(bins: &Bins, module: &Path, measure: Duration, pin: bool, cpus: usi
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     let mut summary = Vec::new();
     for alg in Alg::ALL {
-        let mut raw_best = 0.0f64;
-        for threads in [1, 2] {
-            eprintln!("sign_verify: raw {} threads={threads}", alg.name());
-            let (rate, cores) = raw_sign(&ctx, slot, home.pin, alg, threads, measure);
-            println!(
-                "| raw cryptoki {} | {threads} | {rate:.0} | | | (idle) | | {cores:.2} | 0 |",
-                alg.name()
-            );
-            raw_best = raw_best.max(rate);
+        let mut raw_best = [0.0f64; 2];
+        for (i, token) in [false, true].into_iter().enumerate() {
+            let kind = if token { "token key" } else { "session key" };
+            for threads in [1, 2] {
+                eprintln!("sign_verify: raw {} {kind} threads={threads}", alg.name());
+                let (rate, cores) = raw_sign(&ctx, slot, home.pin, alg, threads, token, measure);
+                println!(
+                    "| raw cryptoki {} {kind} | {threads} | {rate:.0} | | | (idle) | | {cores:.2} | 0 |",
+                    alg.name()
+                );
+                raw_best[i] = raw_best[i].max(rate);
+            }
         }
         let mut ks_best = 0.0f64;
         for conc in CONCURRENCY {
@@ -507,15 +520,19 @@ async fn run(bins: &Bins, module: &Path, measure: Duration, pin: bool, cpus: usi
         summary.push((alg, ks_best, raw_best));
     }
     println!();
-    println!("| algorithm | keyseald best signatures/s | raw best signatures/s | keyseald / raw | goal ≥ 80% |");
-    println!("|---|---:|---:|---:|---|");
-    for (alg, k, r) in &summary {
-        let ratio = k / r.max(1e-9);
+    // keyseald signs with token keys (they must outlive a session), so
+    // the like-for-like baseline is the token-key loop; the session-key
+    // loop is the device's best case and is shown beside it.
+    println!("| algorithm | keyseald best signatures/s | raw best, token key | keyseald / raw token key | goal ≥ 80% | raw best, session key | keyseald / raw session key |");
+    println!("|---|---:|---:|---:|---|---:|---:|");
+    for (alg, k, [rs, rt]) in &summary {
+        let ratio = k / rt.max(1e-9);
         println!(
-            "| {} | {k:.0} | {r:.0} | {:.0}% | {} |",
+            "| {} | {k:.0} | {rt:.0} | {:.0}% | {} | {rs:.0} | {:.0}% |",
             alg.name(),
             ratio * 100.0,
-            if ratio >= 0.8 { "met" } else { "MISSED" }
+            if ratio >= 0.8 { "met" } else { "MISSED" },
+            k / rs.max(1e-9) * 100.0
         );
     }
     drop(ks);
