@@ -75,11 +75,13 @@ pub fn tunnel_host(uri: &http::Uri, headers: &HeaderMap) -> Option<String> {
 }
 
 /// The names of the targets whose base URL is on `host` (normalised), in
-/// the order given.
+/// the order given. The base URL's host is normalised the same way, as the
+/// egress allow-list's patterns are: `https://API.example.com.` and
+/// `http://127.1` name the hosts `api.example.com` and `127.0.0.1`.
 pub fn targets_for_host(targets: &[Target], host: &str) -> Vec<String> {
     targets
         .iter()
-        .filter(|t| t.base().is_ok_and(|b| b.host == host))
+        .filter(|t| t.base().is_ok_and(|b| Egress::normalise(&b.host) == host))
         .map(|t| t.name.clone())
         .collect()
 }
@@ -281,6 +283,45 @@ mod tests {
         assert_eq!(gateway_path("/p/gh/v1/x"), Some(("gh", "/v1/x")));
         assert_eq!(gateway_path("/p/gh"), Some(("gh", "/")));
         assert_eq!(gateway_path("/q/gh/x"), None);
+    }
+
+    fn target(name: &str, base_url: &str) -> Target {
+        Target {
+            name: name.into(),
+            base_url: base_url.into(),
+            ca_bundle: None,
+            connect_timeout_ms: 1,
+            response_timeout_ms: 1,
+            idle_timeout_ms: 1,
+            created_at: 0,
+            updated_at: 0,
+            client_cert: None,
+        }
+    }
+
+    /// Found by the `proxy_request` fuzz target: the request's host was
+    /// normalised (trailing dot, numeric forms) but the base URL's was
+    /// not, so `http://example.com./` never reached the target
+    /// `http://example.com.`, nor `http://127.1/` the target `http://127.1`.
+    #[test]
+    fn targets_match_the_normalised_host() {
+        let ts = [
+            target("dot", "http://EXAMPLE.com."),
+            target("short", "http://127.1:8080"),
+            target("v6", "https://[0:0::1]"),
+            target("other", "https://api.example.net"),
+        ];
+        for (uri, want) in [
+            ("http://EXAMPLE.com./v1", "dot"),
+            ("http://example.com/", "dot"),
+            ("http://127.0.0.1:8080/x", "short"),
+            ("http://0x7f000001:8080/x", "short"),
+            ("http://[::1]/", "v6"),
+        ] {
+            let uri: http::Uri = uri.parse().unwrap();
+            let host = forward_host(&uri).unwrap();
+            assert_eq!(targets_for_host(&ts, &host), vec![want.to_owned()], "{uri}");
+        }
     }
 
     #[test]
