@@ -122,13 +122,16 @@ pub fn path_is_clean(path: &str) -> bool {
         .all(|(i, s)| *s != "." && *s != ".." && (!s.is_empty() || i == last))
 }
 
-/// The header names listed in the `Connection` headers, lowercased.
+/// The header names listed in the `Connection` headers, lowercased. Read
+/// from the raw bytes, element by element: a value that also holds bytes
+/// outside visible ASCII (obs-text, which hyper accepts) still drops the
+/// headers it names.
 pub fn connection_listed(headers: &HeaderMap) -> Vec<String> {
     headers
         .get_all(http::header::CONNECTION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .filter_map(|s| std::str::from_utf8(s).ok())
         .map(|s| s.trim().to_ascii_lowercase())
         .collect()
 }
@@ -322,6 +325,29 @@ mod tests {
             let host = forward_host(&uri).unwrap();
             assert_eq!(targets_for_host(&ts, &host), vec![want.to_owned()], "{uri}");
         }
+    }
+
+    /// Found by the `proxy_request` fuzz target: a `Connection` value with
+    /// a byte outside visible ASCII was skipped whole, so the headers it
+    /// named were forwarded upstream (and back to the client).
+    #[test]
+    fn connection_options_beside_obs_text_are_dropped() {
+        let mut h = HeaderMap::new();
+        h.append(
+            http::header::CONNECTION,
+            HeaderValue::from_bytes(b"\xff, X-Internal").unwrap(),
+        );
+        h.append("x-internal", HeaderValue::from_static("secret"));
+        h.append("accept", HeaderValue::from_static("*/*"));
+        assert!(connection_listed(&h).contains(&"x-internal".to_owned()));
+        let base = BaseUrl::parse("https://api.example.com", false).unwrap();
+        let (_, out) = upstream_request(&h, None, "/", &base, None).unwrap();
+        assert!(!out.contains_key("x-internal"));
+        assert!(out.contains_key("accept"));
+        let mut resp = h.clone();
+        strip_hop_by_hop(&mut resp);
+        assert!(!resp.contains_key("x-internal"));
+        assert!(resp.contains_key("accept"));
     }
 
     #[test]
