@@ -17,7 +17,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 secs="${1:-10}"
-targets=(${FUZZ_TARGETS:-name config policy apikey proxy_rules audit_bundle proxy_authority})
+targets=(${FUZZ_TARGETS:-name config policy apikey proxy_rules audit_bundle proxy_authority proxy_request})
 san="${FUZZ_SANITIZER:-none}"
 export RUSTC_BOOTSTRAP=1
 
