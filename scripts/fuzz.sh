@@ -17,7 +17,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 secs="${1:-10}"
-targets=(${FUZZ_TARGETS:-name config policy apikey proxy_rules audit_bundle proxy_authority})
+targets=(${FUZZ_TARGETS:-name config policy apikey proxy_rules audit_bundle proxy_authority proxy_request grpc_messages})
 san="${FUZZ_SANITIZER:-none}"
 export RUSTC_BOOTSTRAP=1
 
@@ -59,7 +59,9 @@ for t in "${targets[@]}"; do
   fi
   printf '%-14s %12s %10s %8s %s\n' "$t" "$runs" "$((runs / (secs > 0 ? secs : 1)))" "$crashes" "$note"
 done
-# The config and audit_bundle targets keep their files in per-process temp
-# directories.
-rm -rf "${TMPDIR:-/tmp}"/keyseal-fuzz-config-* "${TMPDIR:-/tmp}"/keyseal-fuzz-bundle-*
+# The config, audit_bundle and grpc_messages targets keep their files
+# (grpc_messages: a SoftHSM2 token, store and audit log) in per-process
+# temp directories.
+rm -rf "${TMPDIR:-/tmp}"/keyseal-fuzz-config-* "${TMPDIR:-/tmp}"/keyseal-fuzz-bundle-* \
+  "${TMPDIR:-/tmp}"/keyseal-fuzz-grpc-*
 exit "$failed"

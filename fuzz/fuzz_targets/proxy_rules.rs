@@ -42,25 +42,34 @@ fn conds(s: Option<&str>) -> Vec<Condition> {
 }
 
 /// `CompiledRule::new`, memoised by rule line: compiling the regexes
-/// (instrumented regex-automata) is most of an execution's cost, and a
-/// line always gives the same rule.
+/// (instrumented regex-automata, mostly building the meta regex's full
+/// DFA) is most of an execution's cost, and a line always gives the same
+/// rule. The key is the line alone, whatever its position: the rule id
+/// (`r<position>`, always valid) is put on the cached rule afterwards, so
+/// a line that moved (inserted or removed lines) is not compiled again.
 fn compile(line: &str, rule: Rule) -> Option<CompiledRule> {
     thread_local! {
-        static CACHE: RefCell<HashMap<(String, String), Option<CompiledRule>>> =
+        static CACHE: RefCell<HashMap<String, Option<CompiledRule>>> =
             RefCell::new(HashMap::new());
     }
     CACHE.with(|c| {
         let mut c = c.borrow_mut();
-        let key = (line.to_owned(), rule.id.clone());
-        if let Some(r) = c.get(&key) {
-            return r.clone();
-        }
-        if c.len() > 20_000 {
-            c.clear();
-        }
-        let r = CompiledRule::new(rule).ok();
-        c.insert(key, r.clone());
-        r
+        let id = rule.id.clone();
+        let r = match c.get(line) {
+            Some(r) => r.clone(),
+            None => {
+                if c.len() > 20_000 {
+                    c.clear();
+                }
+                let r = CompiledRule::new(rule).ok();
+                c.insert(line.to_owned(), r.clone());
+                r
+            }
+        };
+        r.map(|mut r| {
+            r.rule.id = id;
+            r
+        })
     })
 }
 
@@ -151,17 +160,17 @@ fuzz_target!(|data: &[u8]| {
         headers: &headers,
         query,
     };
+    // Oracle: each rule on its own (the same for both defaults).
+    let matching: Vec<&CompiledRule> = rules
+        .iter()
+        .filter(|r| {
+            evaluate(Effect::Deny, std::slice::from_ref(*r), &req)
+                .rule
+                .is_some()
+        })
+        .collect();
     for default in [Effect::Allow, Effect::Deny] {
         let ex = evaluate(default, &rules, &req);
-        // Oracle: each rule on its own.
-        let matching: Vec<&CompiledRule> = rules
-            .iter()
-            .filter(|r| {
-                evaluate(Effect::Deny, std::slice::from_ref(*r), &req)
-                    .rule
-                    .is_some()
-            })
-            .collect();
         match matching.iter().map(|r| r.rule.priority).min() {
             None => {
                 assert_eq!(ex.effect, default);

@@ -6,6 +6,8 @@
 //!   and the pure rule evaluation with its explanation.
 //! - [`store`]: sled persistence, the per-request snapshot cache, the
 //!   request log.
+//! - [`request`]: the listeners' pure request handling (proxy key, gateway
+//!   paths, hosts to targets, stripping and credential injection).
 //! - [`server`]: the hyper listeners (gateway on loopback TCP and a Unix
 //!   socket, forward proxy with CONNECT), as pingora-style phases.
 //! - [`sockdiag`]: the uid owning a loopback TCP peer's socket (netlink
@@ -20,6 +22,7 @@
 
 pub mod config;
 pub mod model;
+pub mod request;
 pub mod server;
 pub mod sockdiag;
 pub mod ssrf;

@@ -138,8 +138,33 @@ impl BaseUrl {
         let auth: http::uri::Authority = authority
             .parse()
             .map_err(|_| invalid(format!("base URL host {authority:?} is not valid")))?;
-        let host = auth.host().trim_start_matches('[').trim_end_matches(']');
-        let port = auth.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let host = auth.host();
+        // `Authority` takes any port text (and `port_u16` is then `None`):
+        // a port that is not a number must not quietly become the default.
+        let default = if https { 443 } else { 80 };
+        let port = match auth
+            .as_str()
+            .get(host.len()..)
+            .and_then(|r| r.strip_prefix(':'))
+        {
+            None | Some("") => default,
+            Some(p) if p.bytes().all(|b| b.is_ascii_digit()) => p
+                .parse::<u16>()
+                .map_err(|_| invalid(format!("base URL port {p:?} is not 0..=65535")))?,
+            Some(p) => return Err(invalid(format!("base URL port {p:?} is not a number"))),
+        };
+        let host = match host.strip_prefix('[') {
+            Some(v6) => {
+                let v6 = v6.strip_suffix(']').unwrap_or(v6);
+                if v6.parse::<std::net::Ipv6Addr>().is_err() {
+                    return Err(invalid(format!(
+                        "base URL host {host:?} is not an IPv6 address"
+                    )));
+                }
+                v6
+            }
+            None => host,
+        };
         Ok(BaseUrl {
             https,
             host: host.to_ascii_lowercase(),
@@ -887,6 +912,26 @@ mod tests {
         assert!(BaseUrl::parse("http://x", false).is_err());
         let b = BaseUrl::parse("https://127.0.0.1:8443", false).unwrap();
         assert_eq!((b.port, b.authority()), (8443, "127.0.0.1:8443".into()));
+        let b = BaseUrl::parse("https://[::1]:8443/x", false).unwrap();
+        assert_eq!((b.host.as_str(), b.port), ("::1", 8443));
+        assert_eq!(BaseUrl::parse("https://h:/x", false).unwrap().port, 443);
+    }
+
+    /// Found by the `proxy_request` fuzz target: `Authority` parses any
+    /// port text, and a port that was not a number became the default
+    /// one (`https://api.example.com:8443x` was port 443), and a bracketed
+    /// host that is not an IPv6 address was taken as a name.
+    #[test]
+    fn base_url_ports_are_numbers_and_brackets_ipv6() {
+        for bad in [
+            "https://api.example.com:8443x",
+            "https://api.example.com:abc/v1",
+            "https://api.example.com:70000",
+            "http://[*:1]:80",
+            "https://[api.example.com]",
+        ] {
+            assert!(BaseUrl::parse(bad, true).is_err(), "{bad}");
+        }
     }
 
     #[test]

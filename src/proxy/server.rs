@@ -32,7 +32,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use base64::Engine;
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Request, Response, StatusCode};
@@ -42,7 +41,11 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream, UnixListener};
 
 use super::config::ProxyConfig;
-use super::model::{evaluate, is_hop_by_hop, Effect, Injection, RequestFacts};
+use super::model::{evaluate, Effect, RequestFacts};
+use super::request::{
+    gateway_path, path_is_clean, path_under_base, presented_key, strip_hop_by_hop,
+    targets_for_host, upstream_request, UpstreamError,
+};
 use super::store::{LogEntry, ProxyStore, Snapshot};
 use super::upstream::Clients;
 use crate::api::DaemonState;
@@ -60,12 +63,7 @@ pub type RespBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
 /// Name of the response header telling which rule allowed a call.
 pub const DECISION_HEADER: &str = "keyseal-decision";
 
-/// Which listener a request came in on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    Gateway,
-    Forward,
-}
+pub use super::request::Mode;
 
 /// Who is at the other end of the connection.
 #[derive(Debug, Clone)]
@@ -269,28 +267,6 @@ fn rate_limited(d: &RateDecision) -> Refusal {
         decision: "rate_limited",
         rule: None,
     }
-}
-
-/// Refuses paths that could mean something else upstream after
-/// normalisation (`..`, `.`, empty segments, encoded `/`, `\` or `.`),
-/// so a rule's regex sees exactly what the upstream serves.
-fn path_is_clean(path: &str) -> bool {
-    if !path.starts_with('/') {
-        return false;
-    }
-    let lower = path.to_ascii_lowercase();
-    if lower.contains("%2f")
-        || lower.contains("%5c")
-        || lower.contains("%2e")
-        || path.contains('\\')
-    {
-        return false;
-    }
-    let segs: Vec<&str> = path[1..].split('/').collect();
-    let last = segs.len() - 1;
-    segs.iter()
-        .enumerate()
-        .all(|(i, s)| *s != "." && *s != ".." && (!s.is_empty() || i == last))
 }
 
 /// A body that counts bytes, refuses more than `limit`, and runs `on_end`
@@ -595,29 +571,6 @@ impl Gateway {
 
     // ---- phases -----------------------------------------------------------
 
-    /// The proxy key presented, if any: `Authorization: Bearer` on the
-    /// gateway; `Proxy-Authorization` (Basic with the key as password, or
-    /// Bearer) on the forward proxy.
-    fn presented_key(headers: &HeaderMap, mode: Mode) -> Option<String> {
-        let h = match mode {
-            Mode::Gateway => headers.get(http::header::AUTHORIZATION),
-            Mode::Forward => headers.get(http::header::PROXY_AUTHORIZATION),
-        }?;
-        let v = h.to_str().ok()?.trim();
-        let (scheme, rest) = v.split_once(' ')?;
-        if scheme.eq_ignore_ascii_case("bearer") {
-            return Some(rest.trim().to_owned());
-        }
-        if mode == Mode::Forward && scheme.eq_ignore_ascii_case("basic") {
-            let raw = base64::engine::general_purpose::STANDARD
-                .decode(rest.trim())
-                .ok()?;
-            let s = String::from_utf8(raw).ok()?;
-            return s.split_once(':').map(|(_, p)| p.to_owned());
-        }
-        Some(String::new())
-    }
-
     fn unauthenticated(mode: Mode, msg: &str) -> Refusal {
         match mode {
             Mode::Gateway => {
@@ -652,7 +605,7 @@ impl Gateway {
         peer: &Peer,
         mode: Mode,
     ) -> Result<Who, Refusal> {
-        let key = Self::presented_key(headers, mode);
+        let key = presented_key(headers, mode);
         let Some(key) = key else {
             return match peer {
                 Peer::Unix(id) => Ok(Who::Kernel {
@@ -828,16 +781,12 @@ impl Gateway {
         ctx: &mut Ctx,
     ) -> Result<Response<RespBody>, Refusal> {
         let path = req.uri().path().to_owned();
-        let Some(rest) = path.strip_prefix("/p/") else {
+        let Some((name, rest)) = gateway_path(&path) else {
             return Err(Refusal::new(
                 StatusCode::NOT_FOUND,
                 "use /p/<proxy>/<path>",
                 "error",
             ));
-        };
-        let (name, rest) = match rest.find('/') {
-            Some(i) => (&rest[..i], &rest[i..]),
-            None => (rest, "/"),
         };
         ctx.proxy = name.to_owned();
         ctx.path = rest.to_owned();
@@ -874,7 +823,7 @@ impl Gateway {
         peer: &Peer,
         ctx: &mut Ctx,
     ) -> Result<Response<RespBody>, Refusal> {
-        let Some(host) = req.uri().host().map(super::ssrf::Egress::normalise) else {
+        let Some(host) = super::request::forward_host(req.uri()) else {
             return Err(Refusal::new(
                 StatusCode::BAD_REQUEST,
                 "the forward proxy takes absolute-form requests (http://host/path)",
@@ -907,11 +856,7 @@ impl Gateway {
             )
         };
         let targets = self.store.list_targets().map_err(fail)?;
-        let target_names: Vec<String> = targets
-            .iter()
-            .filter(|t| t.base().is_ok_and(|b| b.host == host))
-            .map(|t| t.name.clone())
-            .collect();
+        let target_names = targets_for_host(&targets, host);
         if target_names.is_empty() {
             return Err(Refusal::new(
                 StatusCode::FORBIDDEN,
@@ -937,26 +882,12 @@ impl Gateway {
             ));
         };
         ctx.proxy = snap.proxy.name.clone();
-        let path = req.uri().path();
-        let rest = if snap.base.path.is_empty() {
-            path.to_owned()
-        } else {
-            match path.strip_prefix(&snap.base.path) {
-                Some(r) if r.is_empty() || r.starts_with('/') => {
-                    if r.is_empty() {
-                        "/".to_owned()
-                    } else {
-                        r.to_owned()
-                    }
-                }
-                _ => {
-                    return Err(Refusal::new(
-                        StatusCode::FORBIDDEN,
-                        "path is outside the target's base path",
-                        "deny",
-                    ))
-                }
-            }
+        let Some(rest) = path_under_base(req.uri().path(), &snap.base.path) else {
+            return Err(Refusal::new(
+                StatusCode::FORBIDDEN,
+                "path is outside the target's base path",
+                "deny",
+            ));
         };
         ctx.path = rest.clone();
         self.proxied(req, who, snap, rest, Mode::Forward, ctx).await
@@ -1101,96 +1032,23 @@ impl Gateway {
                 ));
             }
         }
-        let mut query_out: Vec<String> = Vec::new();
-        let injected_param = match &secret {
-            Some((Injection::Query { param }, _)) => Some(param.clone()),
-            _ => None,
-        };
-        if let Some(q) = &query {
-            for p in q.split('&').filter(|p| !p.is_empty()) {
-                let k = p.split_once('=').map_or(p, |(k, _)| k);
-                if injected_param
-                    .as_deref()
-                    .is_some_and(|ip| super::model::percent_decode(k) == ip)
-                {
-                    continue;
-                }
-                query_out.push(p.to_owned());
+        let (uri, headers_out) = upstream_request(
+            &parts.headers,
+            query.as_deref(),
+            &rest,
+            &snap.base,
+            secret.as_ref().map(|(inj, v)| (inj, v.as_slice())),
+        )
+        .map_err(|e| match e {
+            UpstreamError::Injection => Refusal::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the target credential cannot be put in a header",
+                "error",
+            ),
+            UpstreamError::BadPath => {
+                Refusal::new(StatusCode::BAD_REQUEST, "bad request path", "error")
             }
-        }
-        let mut headers_out = HeaderMap::with_capacity(parts.headers.len() + 2);
-        let listed: Vec<String> = parts
-            .headers
-            .get_all(http::header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(|s| s.trim().to_ascii_lowercase())
-            .collect();
-        for (k, v) in parts.headers.iter() {
-            let n = k.as_str();
-            if is_hop_by_hop(n)
-                || listed.iter().any(|l| l == n)
-                || n == "host"
-                || n == "authorization"
-                || n == "proxy-authorization"
-            {
-                continue;
-            }
-            headers_out.append(k.clone(), v.clone());
-        }
-        if let Ok(h) = HeaderValue::from_str(&snap.base.authority()) {
-            headers_out.insert(http::header::HOST, h);
-        }
-        if let Some((inj, value)) = &secret {
-            match inj {
-                Injection::Header { name, template } => {
-                    let text = String::from_utf8_lossy(value);
-                    let v = zeroize::Zeroizing::new(template.replace("{}", &text));
-                    let (Ok(n), Ok(mut hv)) = (
-                        HeaderName::from_bytes(name.as_bytes()),
-                        HeaderValue::from_str(&v),
-                    ) else {
-                        return Err(Refusal::new(
-                            StatusCode::INTERNAL_SERVER_ERROR,
-                            "the target credential cannot be put in a header",
-                            "error",
-                        ));
-                    };
-                    hv.set_sensitive(true);
-                    headers_out.insert(n, hv);
-                }
-                Injection::Basic { user } => {
-                    let mut raw = zeroize::Zeroizing::new(format!("{user}:").into_bytes());
-                    raw.extend_from_slice(value);
-                    let enc = zeroize::Zeroizing::new(format!(
-                        "Basic {}",
-                        base64::engine::general_purpose::STANDARD.encode(&*raw)
-                    ));
-                    if let Ok(mut hv) = HeaderValue::from_str(&enc) {
-                        hv.set_sensitive(true);
-                        headers_out.insert(http::header::AUTHORIZATION, hv);
-                    }
-                }
-                Injection::Query { param } => {
-                    query_out.push(format!("{param}={}", url_encode(value)));
-                }
-            }
-        }
-        let scheme = if snap.base.https { "https" } else { "http" };
-        let mut uri = format!(
-            "{scheme}://{}{}{}",
-            snap.base.authority(),
-            snap.base.path,
-            rest
-        );
-        if !query_out.is_empty() {
-            uri.push('?');
-            uri.push_str(&query_out.join("&"));
-        }
-        let uri: http::Uri = uri
-            .parse()
-            .map_err(|_| Refusal::new(StatusCode::BAD_REQUEST, "bad request path", "error"))?;
+        })?;
         let count_in = Arc::new(AtomicU64::new(0));
         let body_up = Metered {
             inner: body,
@@ -1266,23 +1124,7 @@ impl Gateway {
                 "error",
             ));
         }
-        let listed: Vec<String> = rparts
-            .headers
-            .get_all(http::header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(|s| s.trim().to_ascii_lowercase())
-            .collect();
-        let drop_names: Vec<HeaderName> = rparts
-            .headers
-            .keys()
-            .filter(|k| is_hop_by_hop(k.as_str()) || listed.iter().any(|l| l == k.as_str()))
-            .cloned()
-            .collect();
-        for k in drop_names {
-            rparts.headers.remove(k);
-        }
+        strip_hop_by_hop(&mut rparts.headers);
         if let Ok(v) = HeaderValue::from_str(&format!("allow; rule={rule_label}")) {
             rparts.headers.insert(DECISION_HEADER, v);
         }
@@ -1410,18 +1252,6 @@ impl Gateway {
         self.log(ctx, r.resp.status().as_u16(), r.decision, None, (0, 0));
         *r.resp
     }
-}
-
-fn url_encode(v: &[u8]) -> String {
-    let mut s = String::with_capacity(v.len() * 3);
-    for b in v {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            s.push(*b as char);
-        } else {
-            s.push_str(&format!("%{b:02X}"));
-        }
-    }
-    s
 }
 
 async fn serve_conn<I>(gw: Arc<Gateway>, io: I, peer: Peer, mode: Mode)
@@ -1605,22 +1435,4 @@ pub async fn run(
         )));
     }
     Ok(tasks)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn clean_paths() {
-        assert!(path_is_clean("/"));
-        assert!(path_is_clean("/v1/items"));
-        assert!(path_is_clean("/v1/items/"));
-        assert!(!path_is_clean("/v1/../admin"));
-        assert!(!path_is_clean("/v1/./x"));
-        assert!(!path_is_clean("/v1//x"));
-        assert!(!path_is_clean("/v1/%2e%2e/x"));
-        assert!(!path_is_clean("/v1/a%2Fb"));
-        assert!(!path_is_clean("v1"));
-    }
 }

@@ -112,16 +112,7 @@ impl Gateway {
             }
             // The request must be for the host the tunnel (and its
             // certificate) is for.
-            let named = req
-                .uri()
-                .host()
-                .map(str::to_owned)
-                .or_else(|| {
-                    let h = req.headers().get(http::header::HOST)?.to_str().ok()?;
-                    let a: http::uri::Authority = h.parse().ok()?;
-                    Some(a.host().to_owned())
-                })
-                .map(|h| super::super::ssrf::Egress::normalise(h.trim_matches(['[', ']'])));
+            let named = super::super::request::tunnel_host(req.uri(), req.headers());
             if named.as_deref() != Some(t.host.as_str()) {
                 return Err(Refusal::new(
                     StatusCode::MISDIRECTED_REQUEST,
