@@ -19,16 +19,6 @@ use crate::secrets::OpCtx;
 /// Bound on key generation (create, rotate).
 const KEYGEN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
-/// How many signatures run in the root device at once (one per CPU, at
-/// least 2): see [`KeysService::keys_sign`].
-fn signers() -> &'static tokio::sync::Semaphore {
-    static SIGNERS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
-    SIGNERS.get_or_init(|| {
-        let n = std::thread::available_parallelism().map_or(2, |n| n.get().max(2));
-        tokio::sync::Semaphore::new(n)
-    })
-}
-
 /// The Keys service.
 pub struct KeysService {
     pub state: Arc<DaemonState>,
@@ -163,36 +153,6 @@ impl KeysService {
         self.state.audited(audit, res).await
     }
 
-    /// Runs a signature on the blocking pool, at most [`signers`] at a
-    /// time. A signature is CPU work inside the root device (SoftHSM2
-    /// serialises much of it): with one blocking thread per waiting request
-    /// (64 at c=64) the threads only contend and wake each other; queued
-    /// requests wait here instead, on the runtime, within their deadline.
-    async fn keys_sign<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&crate::keys::Keys) -> Result<T, KeysError> + Send + 'static,
-    ) -> Result<T, Status> {
-        let limit = self.state.request_timeout;
-        let start = std::time::Instant::now();
-        let permit = match tokio::time::timeout(limit, signers().acquire()).await {
-            Ok(Ok(p)) => p,
-            Ok(Err(_)) => return Err(Status::unavailable("the daemon is shutting down")),
-            Err(_) => {
-                return Err(Status::deadline_exceeded(
-                    "the root device did not answer in time; retry later",
-                ))
-            }
-        };
-        let keys = self.state.keys.clone();
-        let left = limit.saturating_sub(start.elapsed());
-        let out = self
-            .state
-            .run_blocking_for(left, move || f(&keys).map_err(status_of_keys))
-            .await;
-        drop(permit);
-        out
-    }
-
     async fn keys<T: Send + 'static>(
         &self,
         f: impl FnOnce(&crate::keys::Keys) -> Result<T, KeysError> + Send + 'static,
@@ -308,9 +268,7 @@ impl KeysApi for KeysService {
             self.state
                 .authorize(&who, Capability::KeySign, name.as_str())?;
             let n = name.clone();
-            let (version, signature) = self
-                .keys_sign(move |k| k.sign(&n, input.as_input()))
-                .await?;
+            let (version, signature) = self.keys(move |k| k.sign(&n, input.as_input())).await?;
             tracing::debug!(key = %name, version, "signed");
             Ok(Response::new(pb::SignResponse {
                 version,

@@ -95,10 +95,15 @@ impl TestDaemon {
         let policy_path = dir.path().join("policy.toml");
         let socket = dir.path().join("keyseal.sock");
         let creds_socket = dir.path().join("credentials.sock");
+        // `KEYSEAL_TEST_STORE_CACHE_BYTES`: `store.cache_bytes` for the
+        // daemon (the soak's memory figures with another page-cache cap).
+        let store_extra = std::env::var("KEYSEAL_TEST_STORE_CACHE_BYTES")
+            .map(|v| format!("cache_bytes = {v}\n"))
+            .unwrap_or_default();
         std::fs::write(
             &config,
             format!(
-                "{root_section}\n[store]\npath = \"store\"\n\n[api]\nsocket = \"keyseal.sock\"\nmode = \"0660\"\ncredentials_socket = \"credentials.sock\"\n\n[policy]\npath = \"policy.toml\"\n\n[log]\nlevel = \"debug\"\n{extra_config}\n"
+                "{root_section}\n[store]\npath = \"store\"\n{store_extra}\n[api]\nsocket = \"keyseal.sock\"\nmode = \"0660\"\ncredentials_socket = \"credentials.sock\"\n\n[policy]\npath = \"policy.toml\"\n\n[log]\nlevel = \"debug\"\n{extra_config}\n"
             ),
         )
         .unwrap();
