@@ -26,10 +26,9 @@ pub type UpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, UpBody>;
 /// Trust roots from the PEM bundle at `path`.
 pub fn load_roots(path: &str) -> Result<RootCertStore, String> {
     use rustls_pki_types::pem::PemObject;
+    let pem = read_bundle(path)?;
     let mut roots = RootCertStore::empty();
-    let certs = rustls_pki_types::CertificateDer::pem_file_iter(path)
-        .map_err(|e| format!("cannot read {path}: {e}"))?;
-    for c in certs {
+    for c in rustls_pki_types::CertificateDer::pem_slice_iter(&pem) {
         let c = c.map_err(|e| format!("{path}: {e}"))?;
         roots
             .add(c)
@@ -39,6 +38,45 @@ pub fn load_roots(path: &str) -> Result<RootCertStore, String> {
         return Err(format!("{path} holds no PEM certificate"));
     }
     Ok(roots)
+}
+
+/// Largest CA bundle read (Debian's whole system bundle is ~220 KB).
+pub const MAX_CA_BUNDLE_BYTES: u64 = 4 * 1024 * 1024;
+
+/// Reads a CA bundle: a regular file of at most [`MAX_CA_BUNDLE_BYTES`].
+/// A device, FIFO or directory (`/dev/zero`, a pipe nobody writes to) is
+/// refused before it is read, so a bad path cannot hold a worker or fill
+/// memory.
+fn read_bundle(path: &str) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    // O_NONBLOCK: opening a FIFO would otherwise wait for a writer.
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| format!("cannot read {path}: {e}"))?;
+    let meta = f
+        .metadata()
+        .map_err(|e| format!("cannot read {path}: {e}"))?;
+    if !meta.is_file() {
+        return Err(format!("{path} is not a regular file"));
+    }
+    if meta.len() > MAX_CA_BUNDLE_BYTES {
+        return Err(format!(
+            "{path} is larger than {MAX_CA_BUNDLE_BYTES} bytes; not a CA bundle"
+        ));
+    }
+    let mut buf = Vec::new();
+    f.take(MAX_CA_BUNDLE_BYTES + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| format!("cannot read {path}: {e}"))?;
+    if buf.len() as u64 > MAX_CA_BUNDLE_BYTES {
+        return Err(format!(
+            "{path} is larger than {MAX_CA_BUNDLE_BYTES} bytes; not a CA bundle"
+        ));
+    }
+    Ok(buf)
 }
 
 fn build(t: &Target, store: &ProxyStore) -> Result<UpClient, String> {
@@ -118,5 +156,32 @@ impl Clients {
             .lock()
             .insert(t.name.clone(), (t.clone(), c.clone()));
         Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ca_bundle_must_be_a_small_regular_file() {
+        let e = load_roots("/dev/zero").unwrap_err();
+        assert!(e.contains("not a regular file"), "{e}");
+        let e = load_roots("/").unwrap_err();
+        assert!(e.contains("not a regular file"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let e = load_roots(fifo.to_str().unwrap()).unwrap_err();
+        assert!(e.contains("not a regular file"), "{e}");
+        let big = dir.path().join("big.pem");
+        let f = std::fs::File::create(&big).unwrap();
+        f.set_len(MAX_CA_BUNDLE_BYTES + 1).unwrap();
+        let e = load_roots(big.to_str().unwrap()).unwrap_err();
+        assert!(e.contains("larger than"), "{e}");
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, b"no pem here").unwrap();
+        let e = load_roots(empty.to_str().unwrap()).unwrap_err();
+        assert!(e.contains("holds no PEM certificate"), "{e}");
     }
 }
