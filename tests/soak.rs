@@ -123,6 +123,9 @@ struct Fixture {
 struct ProcSample {
     at: Duration,
     rss_kib: u64,
+    /// VmRSS split: heap and other anonymous memory / file-backed pages.
+    anon_kib: u64,
+    file_kib: u64,
     fds: usize,
     threads: u64,
     store_bytes: u64,
@@ -155,6 +158,8 @@ fn proc_sample(pid: u32, store: &std::path::Path, at: Duration) -> ProcSample {
     ProcSample {
         at,
         rss_kib: field("VmRSS"),
+        anon_kib: field("RssAnon"),
+        file_kib: field("RssFile"),
         fds: std::fs::read_dir(format!("/proc/{pid}/fd"))
             .map(|d| d.count())
             .unwrap_or(0),
@@ -657,6 +662,13 @@ fn soak_mixed_load() {
         last.fds,
         warm.threads,
         last.threads
+    );
+    println!(
+        "soak: of which RssAnon {:.1} -> {:.1} MiB, RssFile {:.1} -> {:.1} MiB",
+        warm.anon_kib as f64 / 1024.0,
+        last.anon_kib as f64 / 1024.0,
+        warm.file_kib as f64 / 1024.0,
+        last.file_kib as f64 / 1024.0
     );
     println!(
         "soak: store on disk {:.1} -> {:.1} MiB (+{:.1} MiB) while VmRSS grew {:+.1} MiB",
