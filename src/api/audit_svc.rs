@@ -19,6 +19,9 @@ const AUDIT_RESOURCE: &str = "audit";
 /// Bytes per streamed bundle chunk.
 const CHUNK: usize = 1024 * 1024;
 
+/// Bound on building an export bundle (the whole log, on a busy machine).
+const EXPORT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1800);
+
 /// The Audit service.
 pub struct AuditService {
     pub state: Arc<DaemonState>,
@@ -91,10 +94,14 @@ impl Audit for AuditService {
                 after,
                 now: unix_secs(),
             };
-            // Export into a private temp dir, read it back, remove it.
+            // Export into a private temp dir, read it back, remove it. The
+            // bound grows with the log, not with `request_timeout`: a whole
+            // log of a million events takes seconds on an idle machine and
+            // much longer on a busy one, and failing it as "did not answer
+            // in time" tells the auditor nothing useful.
             let files = self
                 .state
-                .run_blocking(move || {
+                .run_blocking_for(self.state.request_timeout.max(EXPORT_TIMEOUT), move || {
                     let dir = tempfile::Builder::new()
                         .prefix("keyseal-export-")
                         .tempdir()
