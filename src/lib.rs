@@ -26,6 +26,7 @@ pub mod proxy;
 pub mod ratelimit;
 pub mod root;
 pub mod secrets;
+pub mod smallfile;
 pub mod store;
 #[allow(unsafe_code)]
 pub(crate) mod sys;

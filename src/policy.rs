@@ -89,8 +89,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::fs::File;
-use std::io::{self, Read};
+use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -712,13 +711,17 @@ impl Policy {
             path: path.to_owned(),
             source,
         };
-        let file = File::open(path).map_err(io_err)?;
-        let meta = file.metadata().map_err(io_err)?;
-        if !meta.is_file() {
-            return Err(PolicyError::NotAFile {
+        use crate::smallfile::{open_regular, read_bounded, SmallFileError};
+        let small_err = |e| match e {
+            SmallFileError::Io(source) => io_err(source),
+            SmallFileError::NotAFile => PolicyError::NotAFile {
                 path: path.to_owned(),
-            });
-        }
+            },
+            SmallFileError::TooLarge => PolicyError::TooLarge {
+                path: path.to_owned(),
+            },
+        };
+        let (file, meta) = open_regular(path).map_err(small_err)?;
         let mode = meta.mode() & 0o7777;
         if mode & 0o022 != 0 {
             return Err(PolicyError::Writable {
@@ -734,15 +737,13 @@ impl Policy {
                 daemon,
             });
         }
-        let mut text = String::new();
-        file.take(MAX_POLICY_BYTES + 1)
-            .read_to_string(&mut text)
-            .map_err(io_err)?;
-        if text.len() as u64 > MAX_POLICY_BYTES {
-            return Err(PolicyError::TooLarge {
-                path: path.to_owned(),
-            });
-        }
+        let bytes = read_bounded(file, MAX_POLICY_BYTES).map_err(small_err)?;
+        let text = String::from_utf8(bytes).map_err(|_| {
+            io_err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "stream did not contain valid UTF-8",
+            ))
+        })?;
         Policy::parse(&text).map_err(|e| PolicyError::InFile {
             path: path.to_owned(),
             error: Box::new(e),

@@ -43,40 +43,19 @@ pub fn load_roots(path: &str) -> Result<RootCertStore, String> {
 /// Largest CA bundle read (Debian's whole system bundle is ~220 KB).
 pub const MAX_CA_BUNDLE_BYTES: u64 = 4 * 1024 * 1024;
 
-/// Reads a CA bundle: a regular file of at most [`MAX_CA_BUNDLE_BYTES`].
-/// A device, FIFO or directory (`/dev/zero`, a pipe nobody writes to) is
-/// refused before it is read, so a bad path cannot hold a worker or fill
-/// memory.
+/// Reads a CA bundle: a regular file of at most [`MAX_CA_BUNDLE_BYTES`]
+/// (see [`crate::smallfile`]).
 fn read_bundle(path: &str) -> Result<Vec<u8>, String> {
-    use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
-    // O_NONBLOCK: opening a FIFO would otherwise wait for a writer.
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::libc::O_NONBLOCK)
-        .open(path)
-        .map_err(|e| format!("cannot read {path}: {e}"))?;
-    let meta = f
-        .metadata()
-        .map_err(|e| format!("cannot read {path}: {e}"))?;
-    if !meta.is_file() {
-        return Err(format!("{path} is not a regular file"));
-    }
-    if meta.len() > MAX_CA_BUNDLE_BYTES {
-        return Err(format!(
-            "{path} is larger than {MAX_CA_BUNDLE_BYTES} bytes; not a CA bundle"
-        ));
-    }
-    let mut buf = Vec::new();
-    f.take(MAX_CA_BUNDLE_BYTES + 1)
-        .read_to_end(&mut buf)
-        .map_err(|e| format!("cannot read {path}: {e}"))?;
-    if buf.len() as u64 > MAX_CA_BUNDLE_BYTES {
-        return Err(format!(
-            "{path} is larger than {MAX_CA_BUNDLE_BYTES} bytes; not a CA bundle"
-        ));
-    }
-    Ok(buf)
+    use crate::smallfile::{open_regular, read_bounded, SmallFileError};
+    let small_err = |e| match e {
+        SmallFileError::Io(e) => format!("cannot read {path}: {e}"),
+        SmallFileError::NotAFile => format!("{path} is not a regular file"),
+        SmallFileError::TooLarge => {
+            format!("{path} is larger than {MAX_CA_BUNDLE_BYTES} bytes; not a CA bundle")
+        }
+    };
+    let (file, _) = open_regular(std::path::Path::new(path)).map_err(small_err)?;
+    read_bounded(file, MAX_CA_BUNDLE_BYTES).map_err(small_err)
 }
 
 fn build(t: &Target, store: &ProxyStore) -> Result<UpClient, String> {
