@@ -4,8 +4,8 @@
 //!
 //! - [`model`]: targets, target credentials (egress-only), proxies, rules,
 //!   and the pure rule evaluation with its explanation.
-//! - [`store`]: sled persistence, the per-request snapshot cache, the
-//!   request log.
+//! - [`store`]: sled persistence, the per-request snapshot cache.
+//! - [`reqlog`]: the request log, in its own append-only files.
 //! - [`request`]: the listeners' pure request handling (proxy key, gateway
 //!   paths, hosts to targets, stripping and credential injection).
 //! - [`server`]: the hyper listeners (gateway on loopback TCP and a Unix
@@ -22,6 +22,7 @@
 
 pub mod config;
 pub mod model;
+pub mod reqlog;
 pub mod request;
 pub mod server;
 pub mod sockdiag;

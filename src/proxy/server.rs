@@ -459,7 +459,7 @@ impl Gateway {
             status, decision = %e.decision, rule = e.rule.as_deref().unwrap_or("-"),
             latency_us = e.latency_us, "proxied request"
         );
-        self.store.log(&e);
+        self.store.log(e);
     }
 
     /// Writes the decision about this request to the audit log and waits
@@ -1157,13 +1157,15 @@ impl Gateway {
                 e.latency_us = start.elapsed().as_micros() as u64;
                 e.bytes_in = count_in.load(Ordering::Relaxed);
                 e.bytes_out = out;
-                tracing::info!(
+                // In the request log and the audit log already: stderr
+                // gets a line per request only at debug.
+                tracing::debug!(
                     proxy = %e.proxy, caller = %e.caller, method = %e.method, path = %e.path,
                     status = e.status, decision = "allow", rule = e.rule.as_deref().unwrap_or("-"),
                     latency_us = e.latency_us, bytes_in = e.bytes_in, bytes_out = e.bytes_out,
                     "proxied request"
                 );
-                store.log(&e);
+                store.log(e);
             })),
         }
         .boxed();

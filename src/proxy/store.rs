@@ -3,8 +3,9 @@
 //!
 //! Trees: `proxy_targets` (name -> [`Target`]), `proxy_creds` (id ->
 //! [`Credential`]), `proxy_proxies` (name -> [`Proxy`]),
-//! `proxy_rules` (proxy || 0x00 || rule id -> [`Rule`]) and `proxy_log`
-//! (proxy || 0x00 || time µs BE || seq BE -> [`LogEntry`]). Each change is
+//! and `proxy_rules` (proxy || 0x00 || rule id -> [`Rule`]). The request
+//! log is in its own files under `<store>/proxy-log/` ([`RequestLog`]); an
+//! older store's `proxy_log` tree is moved there at open. Each change is
 //! one sled transaction over the trees it reads and writes, flushed before
 //! returning. A credential's value is sealed under the root with
 //! [`SecretStore::seal_value`] (kind [`CRED_KIND`], name = id) before its
@@ -36,7 +37,8 @@ const T_TARGETS: &str = "proxy_targets";
 const T_CREDS: &str = "proxy_creds";
 const T_PROXIES: &str = "proxy_proxies";
 const T_RULES: &str = "proxy_rules";
-const T_LOG: &str = "proxy_log";
+/// Where the request log was kept before it moved to its own files.
+const T_LOG_OLD: &str = "proxy_log";
 
 /// One proxied request. Never holds a key or a credential.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -168,13 +170,12 @@ pub struct ProxyStore {
     creds: sled::Tree,
     proxies: sled::Tree,
     rules: sled::Tree,
-    log: sled::Tree,
+    log: super::reqlog::RequestLog,
     write: Mutex<()>,
     /// Bumped by every change; snapshots carry the generation they saw.
     generation: AtomicU64,
     snapshots: RwLock<HashMap<String, (u64, Arc<Snapshot>)>>,
     values: RwLock<HashMap<String, Arc<Zeroizing<Vec<u8>>>>>,
-    log_seq: AtomicU64,
     telemetry: Arc<super::telemetry::Telemetry>,
     /// The interception CA and its leaf cache (`proxy_ca` tree).
     pub ca: super::tls::ProxyCa,
@@ -195,19 +196,26 @@ impl ProxyStore {
             &db,
             secrets.store().disk.clone(),
         )?);
+        let dir = secrets.store().dir.clone().ok_or_else(|| {
+            ProxyError::FailedPrecondition(
+                "the proxy needs a store opened from a directory (for its request log)".into(),
+            )
+        })?;
+        let log =
+            super::reqlog::RequestLog::open(dir.join("proxy-log"), secrets.store().disk.clone())?;
+        migrate_old_log(&db, &log)?;
         Ok(ProxyStore {
             ca,
             targets: db.open_tree(T_TARGETS)?,
             creds: db.open_tree(T_CREDS)?,
             proxies: db.open_tree(T_PROXIES)?,
             rules: db.open_tree(T_RULES)?,
-            log: db.open_tree(T_LOG)?,
+            log,
             secrets,
             write: Mutex::new(()),
             generation: AtomicU64::new(1),
             snapshots: RwLock::new(HashMap::new()),
             values: RwLock::new(HashMap::new()),
-            log_seq: AtomicU64::new(0),
             telemetry,
         })
     }
@@ -700,73 +708,27 @@ impl ProxyStore {
 
     // ---- request log ------------------------------------------------------
 
-    /// Appends a request log entry (not flushed: sled flushes in the
-    /// background; the log is operational data, not an audit record).
-    pub fn log(&self, e: &LogEntry) {
-        let seq = self.log_seq.fetch_add(1, Ordering::Relaxed);
-        let mut k = prefix(&e.proxy);
-        k.extend_from_slice(&e.time_us.to_be_bytes());
-        k.extend_from_slice(&seq.to_be_bytes());
-        match encode(e) {
-            // Below the free-space reserve the entry is not kept (the audit
-            // log still records the proxy's decisions).
-            Ok(_) if self.secrets.store().disk.check_write().is_err() => {
-                tracing::debug!(
-                    "request log entry dropped: the store is below its free-space reserve"
-                )
-            }
-            Ok(v) => {
-                if let Err(err) = self.log.insert(k, v) {
-                    tracing::warn!(error = %err, "request log write failed");
-                }
-            }
-            Err(err) => tracing::warn!(error = %err, "request log encode failed"),
-        }
+    /// Records a finished request: telemetry (and anomaly detection) now,
+    /// the request log entry through its writer thread (see
+    /// [`RequestLog`]; not synced: the log is operational data, the audit
+    /// log has every decision).
+    pub fn log(&self, e: LogEntry) {
         if let Ok(s) = self.snapshot(&e.proxy) {
-            self.telemetry.record(e, s.proxy.on_anomaly);
+            self.telemetry.record(&e, s.proxy.on_anomaly);
         }
+        self.log.append(e);
     }
 
-    /// Deletes every request-log entry older than `before_us` (all
-    /// proxies); returns how many. One range scan per proxy name, deletes
-    /// applied in batches of 10 000; not flushed (like [`Self::log`]).
+    /// Hides every request-log entry older than `before_us` and deletes
+    /// the log files that hold only such entries; returns how many entries
+    /// those files held.
     pub fn prune_log(&self, before_us: u64) -> Result<u64, ProxyError> {
-        self.secrets.store().disk.check_write()?;
-        let mut removed = 0u64;
-        let mut from: Vec<u8> = Vec::new();
-        while let Some(kv) = self.log.range(from.clone()..).next() {
-            let (k, _) = kv?;
-            let Some(z) = k.iter().position(|b| *b == 0) else {
-                // Not a log key: step over it.
-                from = k.to_vec();
-                from.push(0);
-                continue;
-            };
-            let lo = k[..=z].to_vec();
-            let mut hi = lo.clone();
-            hi.extend_from_slice(&before_us.to_be_bytes());
-            let mut batch = sled::Batch::default();
-            let mut pending = 0u32;
-            for kv in self.log.range(lo..hi) {
-                let (old, _) = kv?;
-                batch.remove(old);
-                pending += 1;
-                removed += 1;
-                if pending == 10_000 {
-                    self.log.apply_batch(std::mem::take(&mut batch))?;
-                    pending = 0;
-                }
-            }
-            self.log.apply_batch(batch)?;
-            // The next proxy name: past every `name || 0x00 || ...` key.
-            from = k[..z].to_vec();
-            from.push(1);
-        }
-        Ok(removed)
+        self.log.prune(before_us)
     }
 
     /// Entries of `proxy` with `after_us <= time < before_us` (0: open),
-    /// oldest first, at most `limit`.
+    /// oldest first, at most `limit`; includes every request that ended
+    /// before the call.
     pub fn query_log(
         &self,
         proxy: &str,
@@ -774,21 +736,52 @@ impl ProxyStore {
         before_us: u64,
         limit: usize,
     ) -> Result<Vec<LogEntry>, ProxyError> {
-        let mut lo = prefix(proxy);
-        lo.extend_from_slice(&after_us.to_be_bytes());
-        let mut hi = prefix(proxy);
-        let before = if before_us == 0 { u64::MAX } else { before_us };
-        hi.extend_from_slice(&before.to_be_bytes());
-        let mut out = Vec::new();
-        for kv in self.log.range(lo..hi) {
-            let (_, v) = kv?;
-            out.push(decode(T_LOG, &v)?);
-            if out.len() >= limit {
-                break;
+        self.log.query(proxy, after_us, before_us, limit)
+    }
+
+    /// Request-log entries dropped since start (below the free-space
+    /// reserve, or on a write error).
+    pub fn log_dropped(&self) -> u64 {
+        self.log.dropped()
+    }
+}
+
+/// Moves an older store's request log (the `proxy_log` sled tree) into the
+/// log files, then drops the tree. Interrupted, it runs again at the next
+/// open: the entries already moved are then in the files twice (the log
+/// is operational data; nothing is lost).
+fn migrate_old_log(db: &sled::Db, log: &super::reqlog::RequestLog) -> Result<(), ProxyError> {
+    if !db
+        .tree_names()
+        .iter()
+        .any(|n| n.as_ref() == T_LOG_OLD.as_bytes())
+    {
+        return Ok(());
+    }
+    let old = db.open_tree(T_LOG_OLD)?;
+    let mut moved = 0u64;
+    for kv in old.iter() {
+        let (_, v) = kv?;
+        match decode::<LogEntry>(T_LOG_OLD, &v) {
+            Ok(e) => {
+                log.append(e);
+                moved += 1;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "request log migration: a corrupt entry was skipped")
             }
         }
-        Ok(out)
     }
+    log.sync()?;
+    drop(old);
+    db.drop_tree(T_LOG_OLD)?;
+    if moved > 0 {
+        tracing::info!(
+            entries = moved,
+            "request log moved out of sled into its own files"
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]
