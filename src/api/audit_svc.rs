@@ -53,6 +53,34 @@ fn audit_err(e: crate::audit::AuditError) -> Status {
     }
 }
 
+/// Sends `path` as chunks of at most [`CHUNK`] bytes named `name`; an
+/// empty file is one empty chunk. `Ok` also when the client went away.
+async fn stream_file(
+    name: &str,
+    path: &std::path::Path,
+    tx: &tokio::sync::mpsc::Sender<Result<pb::AuditBundleChunk, Status>>,
+) -> Result<(), Status> {
+    use tokio::io::AsyncReadExt;
+    let read_err = |e: std::io::Error| Status::internal(format!("export file {name}: {e}"));
+    let mut f = tokio::fs::File::open(path).await.map_err(read_err)?;
+    let len = f.metadata().await.map_err(read_err)?.len();
+    let mut sent = 0u64;
+    loop {
+        let want = usize::try_from((len - sent).min(CHUNK as u64)).unwrap_or(CHUNK);
+        let mut data = vec![0u8; want];
+        f.read_exact(&mut data).await.map_err(read_err)?;
+        sent += want as u64;
+        let msg = pb::AuditBundleChunk {
+            file: name.to_owned(),
+            data,
+            last_of_file: sent >= len,
+        };
+        if tx.send(Ok(msg)).await.is_err() || sent >= len {
+            return Ok(());
+        }
+    }
+}
+
 impl AuditService {
     fn log(&self) -> Result<Arc<AuditLog>, Status> {
         let log = self.state.audit.clone().ok_or_else(|| {
@@ -94,12 +122,15 @@ impl Audit for AuditService {
                 after,
                 now: unix_secs(),
             };
-            // Export into a private temp dir, read it back, remove it. The
-            // bound grows with the log, not with `request_timeout`: a whole
-            // log of a million events takes seconds on an idle machine and
-            // much longer on a busy one, and failing it as "did not answer
-            // in time" tells the auditor nothing useful.
-            let files = self
+            // Export into a private temp dir, stream the files from it,
+            // remove it when the stream ends (or the client goes away):
+            // memory stays at one chunk per file read, however large the
+            // bundle. The bound grows with the log, not with
+            // `request_timeout`: a whole log of a million events takes
+            // seconds on an idle machine and much longer on a busy one, and
+            // failing it as "did not answer in time" tells the auditor
+            // nothing useful.
+            let (dir, files) = self
                 .state
                 .run_blocking_for(self.state.request_timeout.max(EXPORT_TIMEOUT), move || {
                     let dir = tempfile::Builder::new()
@@ -108,39 +139,22 @@ impl Audit for AuditService {
                         .map_err(|e| Status::internal(format!("temp dir: {e}")))?;
                     let out = dir.path().join("bundle");
                     log.export(&opts, &out).map_err(audit_err)?;
-                    let mut files = Vec::new();
                     let mut entries: Vec<_> = std::fs::read_dir(&out)
                         .map_err(|e| Status::internal(e.to_string()))?
                         .filter_map(Result::ok)
+                        .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
                         .collect();
-                    entries.sort_by_key(|e| e.file_name());
-                    for e in entries {
-                        let name = e.file_name().to_string_lossy().into_owned();
-                        let data =
-                            std::fs::read(e.path()).map_err(|e| Status::internal(e.to_string()))?;
-                        files.push((name, data));
-                    }
-                    Ok(files)
+                    entries.sort();
+                    Ok((dir, entries))
                 })
                 .await?;
-            let (tx, rx) = tokio::sync::mpsc::channel(8);
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
             tokio::spawn(async move {
-                for (name, data) in files {
-                    let chunks: Vec<&[u8]> = if data.is_empty() {
-                        vec![&[][..]]
-                    } else {
-                        data.chunks(CHUNK).collect()
-                    };
-                    let n = chunks.len();
-                    for (i, c) in chunks.into_iter().enumerate() {
-                        let msg = pb::AuditBundleChunk {
-                            file: name.clone(),
-                            data: c.to_vec(),
-                            last_of_file: i + 1 == n,
-                        };
-                        if tx.send(Ok(msg)).await.is_err() {
-                            return;
-                        }
+                let _dir = dir; // removed when this task ends
+                for (name, path) in files {
+                    if let Err(e) = stream_file(&name, &path, &tx).await {
+                        let _ = tx.send(Err(e)).await;
+                        return;
                     }
                 }
             });
