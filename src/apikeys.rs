@@ -30,11 +30,12 @@
 //!
 //! Time is always a parameter (`now`), so tests move it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use hmac::{Hmac, Mac};
@@ -1025,16 +1026,43 @@ pub struct ApiKeys {
     by_hash: sled::Tree,
     by_owner: sled::Tree,
     store: crate::store::Store,
-    pepper: Zeroizing<[u8; 32]>,
     cfg: ApiKeysConfig,
     limiter: Limiter<String>,
     guard: Limiter<GuardKey>,
     guard_plan: RatePlan,
     caller_guard_plan: RatePlan,
     write: Mutex<()>,
+    /// HMAC-SHA256 keyed with the pepper (the keyed state, computed once).
+    mac: Hmac<Sha256>,
+    /// Records found by key hash, each valid for the write generation it
+    /// was read in: every write bumps the generation (see [`WriteGuard`]),
+    /// so a revoke or rotate is seen by the very next verify.
+    cache: parking_lot::RwLock<RecordCache>,
+    generation: AtomicU64,
     lookups: AtomicU64,
     verifies: AtomicU64,
     throttled: AtomicU64,
+}
+
+/// Key hash -> (write generation it was read in, record).
+type RecordCache = HashMap<[u8; 32], (u64, Arc<ApiKeyRecord>)>;
+
+/// Records kept in [`ApiKeys`]' verify cache before it is emptied.
+const RECORD_CACHE: usize = 16 * 1024;
+
+/// Held for every write of the key trees; when dropped (after the write
+/// is committed) it moves to a new generation, which invalidates every
+/// cached record.
+struct WriteGuard<'a> {
+    _lock: parking_lot::MutexGuard<'a, ()>,
+    keys: &'a ApiKeys,
+}
+
+impl Drop for WriteGuard<'_> {
+    fn drop(&mut self) {
+        self.keys.generation.fetch_add(1, Ordering::SeqCst);
+        self.keys.cache.write().clear();
+    }
 }
 
 impl fmt::Debug for ApiKeys {
@@ -1062,6 +1090,8 @@ impl ApiKeys {
             )));
         }
         pepper.copy_from_slice(&raw);
+        let mac = <Hmac<Sha256> as Mac>::new_from_slice(pepper.as_ref())
+            .map_err(|_| invalid("pepper has an invalid length"))?;
         let store = secrets.store().clone();
         let db = &store.db;
         let guard_plan = RatePlan::single(
@@ -1085,9 +1115,11 @@ impl ApiKeys {
             guard_plan,
             caller_guard_plan,
             store,
-            pepper,
             cfg,
             write: Mutex::new(()),
+            mac,
+            cache: parking_lot::RwLock::new(HashMap::new()),
+            generation: AtomicU64::new(0),
             lookups: AtomicU64::new(0),
             verifies: AtomicU64::new(0),
             throttled: AtomicU64::new(0),
@@ -1113,12 +1145,53 @@ impl ApiKeys {
 
     /// `HMAC-SHA256(pepper, key)`.
     fn hash(&self, token: &ApiKeyToken) -> Result<KeyHash, ApiKeyError> {
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(self.pepper.as_ref())
-            .map_err(|_| invalid("pepper has an invalid length"))?;
+        let mut mac = self.mac.clone();
         mac.update(token.expose().as_bytes());
         let mut out = [0u8; 32];
         out.copy_from_slice(&mac.finalize().into_bytes());
         Ok(KeyHash(out))
+    }
+
+    fn write_lock(&self) -> WriteGuard<'_> {
+        WriteGuard {
+            _lock: self.write.lock(),
+            keys: self,
+        }
+    }
+
+    /// The record whose hash is `hash`: from the cache when it was read in
+    /// the current write generation, else from the store (and cached).
+    fn record_by_hash(&self, hash: &KeyHash) -> Result<Option<Arc<ApiKeyRecord>>, ApiKeyError> {
+        let gen = self.generation.load(Ordering::SeqCst);
+        if let Some((g, r)) = self.cache.read().get(&hash.0) {
+            if *g == gen {
+                return Ok(Some(r.clone()));
+            }
+        }
+        let id = match self.by_hash.get(hash.0)? {
+            Some(id) => String::from_utf8_lossy(&id).into_owned(),
+            None => return Ok(None),
+        };
+        let Some(r) = self.record(&id)? else {
+            return Ok(None);
+        };
+        // The index could only be wrong through corruption; never trust it
+        // alone.
+        let same: bool = r.hash.0.ct_eq(&hash.0).into();
+        if !same {
+            tracing::error!(key_id = %id, "api key hash index points at a record with another hash");
+            return Ok(None);
+        }
+        let r = Arc::new(r);
+        let mut c = self.cache.write();
+        // Not when a write committed since `gen` was read: `r` may be older.
+        if self.generation.load(Ordering::SeqCst) == gen {
+            if c.len() >= RECORD_CACHE {
+                c.clear();
+            }
+            c.insert(hash.0, (gen, r.clone()));
+        }
+        Ok(Some(r))
     }
 
     fn record(&self, id: &str) -> Result<Option<ApiKeyRecord>, ApiKeyError> {
@@ -1211,7 +1284,7 @@ impl ApiKeys {
             lineage: id,
             hash: self.hash(&token)?,
         };
-        let _w = self.write.lock();
+        let _w = self.write_lock();
         self.store.disk.check_write()?;
         (&self.keys, &self.by_hash, &self.by_owner).transaction(|(k, h, o)| {
             insert_new(k, h, o, &record)?;
@@ -1340,7 +1413,7 @@ impl ApiKeys {
             return Err(invalid("a key id is ak_ followed by 24 hex digits"));
         }
         let overlap = overlap.unwrap_or(self.cfg.rotation_overlap).as_secs();
-        let _w = self.write.lock();
+        let _w = self.write_lock();
         self.store.disk.check_write()?;
         // The record decides the new key's env; read it first (writers are
         // serialised, so it cannot change before the transaction).
@@ -1425,7 +1498,7 @@ impl ApiKeys {
         if !check_id(id) {
             return Err(invalid("a key id is ak_ followed by 24 hex digits"));
         }
-        let _w = self.write.lock();
+        let _w = self.write_lock();
         self.store.disk.check_write()?;
         let (rec, already) = self.keys.transaction(|k| {
             let Some(mut r) = tx_get(k, id)? else {
@@ -1458,7 +1531,7 @@ impl ApiKeys {
         now: u64,
     ) -> Result<Vec<String>, ApiKeyError> {
         check_owner(owner)?;
-        let _w = self.write.lock();
+        let _w = self.write_lock();
         self.store.disk.check_write()?;
         // Writers are serialised: no key of `owner` can appear meanwhile.
         let prefix = owner_key(owner, "");
@@ -1572,24 +1645,14 @@ impl ApiKeys {
         // before a change of `apikeys.prefix` keep working.
         let hash = self.hash(&token)?;
         self.lookups.fetch_add(1, Ordering::Relaxed);
-        let id = match self.by_hash.get(hash.0)? {
-            Some(id) => String::from_utf8_lossy(&id).into_owned(),
-            None => return bad(InvalidReason::Unknown, None),
-        };
-        let Some(r) = self.record(&id)? else {
+        let Some(r) = self.record_by_hash(&hash)? else {
             return bad(InvalidReason::Unknown, None);
         };
-        // The index could only be wrong through corruption; never trust it
-        // alone.
-        let same: bool = r.hash.0.ct_eq(&hash.0).into();
-        if !same {
-            tracing::error!(key_id = %id, "api key hash index points at a record with another hash");
-            return bad(InvalidReason::Unknown, None);
-        }
+        let id = r.id.as_str();
         let secs = now.as_secs();
         match r.state(secs) {
-            KeyState::Revoked => return bad(InvalidReason::Revoked, Some(&id)),
-            KeyState::Expired => return bad(InvalidReason::Expired, Some(&id)),
+            KeyState::Revoked => return bad(InvalidReason::Revoked, Some(id)),
+            KeyState::Expired => return bad(InvalidReason::Expired, Some(id)),
             KeyState::Active => {}
         }
         if !r.cidrs.is_empty() {
@@ -1597,11 +1660,11 @@ impl ApiKeys {
                 .source
                 .is_some_and(|ip| r.cidrs.iter().any(|c| c.contains(ip)));
             if !ok {
-                return bad(InvalidReason::WrongSource, Some(&id));
+                return bad(InvalidReason::WrongSource, Some(id));
             }
         }
         if !may(&r.owner) {
-            return bad(InvalidReason::NotPermitted, Some(&id));
+            return bad(InvalidReason::NotPermitted, Some(id));
         }
         let missing_scopes: Vec<String> = req
             .required_scopes
@@ -1635,10 +1698,10 @@ impl ApiKeys {
             },
         };
         Ok(Verdict::Valid(Verified {
-            id: r.id,
-            owner: r.owner,
-            scopes: r.scopes,
-            env: r.env,
+            id: r.id.clone(),
+            owner: r.owner.clone(),
+            scopes: r.scopes.clone(),
+            env: r.env.clone(),
             missing_scopes,
             rate,
         }))

@@ -356,6 +356,11 @@ fn revoke_every_key_of_an_owner() {
     let leaked: Vec<Issued> = (0..3).map(|_| issue(&a, "team-c/acme", T0)).collect();
     let other_owner = issue(&a, "team-c/acme2", T0);
     let nested = issue(&a, "team-c/acme/sub", T0);
+    // Verified (so cached) before the revocation: the cache must not keep
+    // them valid.
+    for k in &leaked {
+        assert!(verify(&a, k.token.expose(), T0).is_valid());
+    }
     a.revoke("ops", &leaked[0].record.id, T0 + 1, &all).unwrap();
     let ids = a.revoke_owner("ops", "team-c/acme", T0 + 10).unwrap();
     assert_eq!(ids.len(), 2, "already revoked keys are not counted");

@@ -338,3 +338,49 @@ impl Audit for AuditService {
         self.state.audited(audit, res).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Files go out in order as chunks of at most CHUNK bytes; the last
+    /// chunk of each says so; an empty file is one empty chunk.
+    #[tokio::test]
+    async fn files_stream_in_bounded_chunks() {
+        let d = tempfile::tempdir().unwrap();
+        let big: Vec<u8> = (0..(2 * CHUNK + 123)).map(|i| (i % 251) as u8).collect();
+        std::fs::write(d.path().join("big"), &big).unwrap();
+        std::fs::write(d.path().join("empty"), b"").unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+        for name in ["big", "empty"] {
+            stream_file(name, &d.path().join(name), &tx).await.unwrap();
+        }
+        drop(tx);
+        let mut got = Vec::new();
+        while let Some(m) = rx.recv().await {
+            let m = m.unwrap();
+            got.push((m.file, m.data, m.last_of_file));
+        }
+        let sizes: Vec<(&str, usize, bool)> = got
+            .iter()
+            .map(|(f, d, l)| (f.as_str(), d.len(), *l))
+            .collect();
+        assert_eq!(
+            sizes,
+            [
+                ("big", CHUNK, false),
+                ("big", CHUNK, false),
+                ("big", 123, true),
+                ("empty", 0, true)
+            ]
+        );
+        let joined: Vec<u8> = got[..3].iter().flat_map(|(_, d, _)| d.clone()).collect();
+        assert_eq!(joined, big);
+        // A file that is gone is an error that names it.
+        let (tx, _rx) = tokio::sync::mpsc::channel(1);
+        let e = stream_file("gone", &d.path().join("gone"), &tx)
+            .await
+            .unwrap_err();
+        assert!(e.message().contains("gone"), "{}", e.message());
+    }
+}
