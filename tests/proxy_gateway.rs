@@ -686,6 +686,58 @@ fn forward_proxy_and_connect_guards() {
 
     let log = e.d.log_text();
     assert!(log.contains("CONNECT refused"));
+
+    // Tunnels are counted in the telemetry under `connect` (11 refused by
+    // the guards, 1 without a valid key, 1 tunnelled: logged when it
+    // closes, so polled).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = ok(
+            &e.d,
+            &[
+                "proxy",
+                "telemetry",
+                "connect",
+                "--interval",
+                "day",
+                "--json",
+            ],
+            b"",
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let total = |f: &str| -> u64 {
+            v["buckets"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|b| b[f].as_u64().unwrap())
+                .sum()
+        };
+        let got = (
+            total("requests"),
+            total("denied"),
+            total("unauthenticated"),
+            total("status_2xx"),
+        );
+        if got == (13, 11, 1, 1) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{got:?}: {v}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // ... a name no proxy may take.
+    let out = e.d.run(
+        &[
+            "proxy", "put", "connect", "--target", "vendor", "--caller", "uid=0",
+        ],
+        b"",
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("reserved"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_no_leak(&e, &[secret, &key]);
 }
 

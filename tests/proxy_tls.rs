@@ -250,8 +250,10 @@ fn intercept_flow(e: &Env, secret: &str, key: &str) -> PathBuf {
     let url = format!("https://localhost:{}/v1/items?q=1", e.up.addr.port());
 
     // HTTPS_PROXY user trusting the keyseal CA: the upstream receives the
-    // injected credential and none of the client's credentials.
+    // injected credential and none of the client's credentials. (HTTP/1.1
+    // inside the tunnel here; curl would pick h2 by ALPN, tested below.)
     let r = curl(&[
+        "--http1.1",
         "-x",
         &fwd,
         "-U",
@@ -271,6 +273,36 @@ fn intercept_flow(e: &Env, secret: &str, key: &str) -> PathBuf {
     assert!(j["headers"].get("proxy-authorization").is_none(), "{j}");
     assert_eq!(j["path"], "/v1/items");
     assert_eq!(j["query"], "q=1");
+    assert_eq!(
+        j["headers"]["host"],
+        format!("localhost:{}", e.up.addr.port())
+    );
+    assert_eq!(
+        r.header("keyseal-decision").as_deref(),
+        Some("allow; rule=reads")
+    );
+    assert!(!r.headers.contains("HTTP/2"), "{}", r.headers);
+
+    // The same over HTTP/2 inside the tunnel (ALPN h2): injected and
+    // stripped alike; upstream it is HTTP/1.1 with the target's Host.
+    let r = curl(&[
+        "--http2",
+        "-x",
+        &fwd,
+        "-U",
+        &user,
+        "--cacert",
+        ca_path.to_str().unwrap(),
+        "-H",
+        "Authorization: Bearer client-own-token",
+        &url,
+    ]);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.headers.contains("HTTP/2 200"), "{}", r.headers);
+    let j = r.json();
+    assert_eq!(j["headers"]["x-api-key"], secret);
+    assert!(j["headers"].get("authorization").is_none(), "{j}");
+    assert_eq!(j["path"], "/v1/items");
     assert_eq!(
         j["headers"]["host"],
         format!("localhost:{}", e.up.addr.port())

@@ -730,7 +730,11 @@ impl ProxyApi for ProxyService {
             let name = r.proxy.clone();
             let (buckets, suspended) = self
                 .run(move |s| {
-                    s.get_proxy(&name)?;
+                    // CONNECT tunnels are aggregated under a name that is
+                    // not a proxy.
+                    if name != crate::proxy::store::CONNECT_LOG_NAME {
+                        s.get_proxy(&name)?;
+                    }
                     let t = s.telemetry();
                     Ok((t.query(&name, iv, limit, now)?, t.suspensions(&name)))
                 })

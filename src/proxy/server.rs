@@ -494,7 +494,7 @@ impl Gateway {
                 }
             }
         }
-        let connect = ctx.proxy == "connect";
+        let connect = ctx.proxy == super::store::CONNECT_LOG_NAME;
         let op = if connect {
             "proxy.connect"
         } else {
@@ -1181,7 +1181,7 @@ impl Gateway {
         peer: Peer,
         mut ctx: Ctx,
     ) -> Response<RespBody> {
-        ctx.proxy = "connect".into();
+        ctx.proxy = super::store::CONNECT_LOG_NAME.into();
         let authority = req
             .uri()
             .authority()

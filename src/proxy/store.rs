@@ -37,6 +37,10 @@ const T_TARGETS: &str = "proxy_targets";
 const T_CREDS: &str = "proxy_creds";
 const T_PROXIES: &str = "proxy_proxies";
 const T_RULES: &str = "proxy_rules";
+/// The name CONNECT tunnels are logged and aggregated under (not a proxy:
+/// no proxy may be called this).
+pub const CONNECT_LOG_NAME: &str = "connect";
+
 /// Where the request log was kept before it moved to its own files.
 const T_LOG_OLD: &str = "proxy_log";
 
@@ -508,6 +512,11 @@ impl ProxyStore {
     /// credential must exist and belong to that target.
     pub fn put_proxy(&self, mut p: Proxy, now: u64) -> Result<Proxy, ProxyError> {
         check_name("proxy", &p.name)?;
+        if p.name == CONNECT_LOG_NAME {
+            return Err(invalid(format!(
+                "the proxy name {CONNECT_LOG_NAME:?} is reserved: CONNECT tunnels are logged under it"
+            )));
+        }
         for id in &p.key_ids {
             if !crate::apikeys::check_id(id) {
                 return Err(invalid(format!("{id:?} is not an API key id (ak_...)")));
@@ -713,7 +722,10 @@ impl ProxyStore {
     /// [`RequestLog`]; not synced: the log is operational data, the audit
     /// log has every decision).
     pub fn log(&self, e: LogEntry) {
-        if let Ok(s) = self.snapshot(&e.proxy) {
+        if e.proxy == CONNECT_LOG_NAME {
+            // Tunnels have no proxy record: anomalies are flagged only.
+            self.telemetry.record(&e, super::model::OnAnomaly::Flag);
+        } else if let Ok(s) = self.snapshot(&e.proxy) {
             self.telemetry.record(&e, s.proxy.on_anomaly);
         }
         self.log.append(e);

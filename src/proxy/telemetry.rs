@@ -1146,12 +1146,16 @@ impl ProxyStore {
         let mut recent = Vec::new();
         match self.list_proxies() {
             Ok(ps) => {
-                for p in ps {
+                let names = ps
+                    .into_iter()
+                    .map(|p| p.name)
+                    .chain([super::store::CONNECT_LOG_NAME.to_owned()]);
+                for name in names {
                     let left = WARM_MAX_ENTRIES.saturating_sub(recent.len());
                     if left == 0 {
                         break;
                     }
-                    match self.query_log(&p.name, from, 0, left) {
+                    match self.query_log(&name, from, 0, left) {
                         Ok(mut v) => recent.append(&mut v),
                         Err(e) => tracing::warn!(error = %e, "telemetry warm-up read failed"),
                     }

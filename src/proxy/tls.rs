@@ -378,7 +378,7 @@ fn mint_leaf(ca: &LoadedCa, host: &str) -> Result<Leaf, ProxyError> {
         .with_no_client_auth()
         .with_single_cert(vec![cert.der().clone(), ca.cert_der.clone()], key_der)
         .map_err(|e| tls_err("TLS server", e))?;
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let renew = Duration::from_secs(((LEAF_VALIDITY_DAYS - 1) * 86_400) as u64);
     Ok(Leaf {
         config: Arc::new(cfg),

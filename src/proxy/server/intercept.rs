@@ -3,13 +3,21 @@
 //! `egress_allow`, every resolved address through the SSRF guard) the
 //! proxy answers 200, terminates TLS with a leaf for the host minted by the
 //! CA in the root device ([`crate::proxy::tls`]), and treats each inner
-//! HTTP/1.1 request like a forward-proxy request for that host: target by
+//! request (HTTP/1.1, or HTTP/2 when the client picks it by ALPN) like a
+//! forward-proxy request for that host: target by
 //! host, the caller's proxy, rules, rate plans, stripping, credential
 //! injection, the request log, and the upstream over TLS with the target's
 //! TLS settings. Each inner request verifies the key of the CONNECT again
 //! (never cached), so a revocation applies to the next inner request.
 
 use super::*;
+
+/// HTTP/2 inside a tunnel: streams at once per connection ...
+const H2_MAX_STREAMS: u32 = 100;
+/// ... bytes of (decoded) request headers per stream ...
+const H2_MAX_HEADER_LIST: u32 = 64 * 1024;
+/// ... and a ping this often, so a dead peer's connection is dropped.
+const H2_PING_EVERY: Duration = Duration::from_secs(30);
 
 /// What the inner requests of one tunnel share.
 struct Tunnel {
@@ -82,17 +90,33 @@ impl Gateway {
                 }
             };
             let header_timeout = gw.cfg.header_timeout;
+            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
             let svc = hyper::service::service_fn(move |req| {
                 let gw = gw.clone();
                 let tunnel = tunnel.clone();
                 async move { Ok::<_, Infallible>(gw.inner(req, &tunnel).await) }
             });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(header_timeout)
-                .keep_alive(true)
-                .serve_connection(TokioIo::new(tls), svc);
-            if let Err(e) = conn.await {
+            // The client chose the protocol in the handshake (ALPN: h2 or
+            // http/1.1; the leaf offers both). Either way each inner
+            // request goes upstream as HTTP/1.1 on the target's pool.
+            let res = if h2 {
+                hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .max_concurrent_streams(H2_MAX_STREAMS)
+                    .max_header_list_size(H2_MAX_HEADER_LIST)
+                    .keep_alive_interval(Some(H2_PING_EVERY))
+                    .keep_alive_timeout(header_timeout)
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await
+            } else {
+                hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(header_timeout)
+                    .keep_alive(true)
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await
+            };
+            if let Err(e) = res {
                 tracing::debug!(error = %e, "intercepted tunnel ended with an error");
             }
         });
