@@ -17,6 +17,7 @@
 //!     KEYSEAL_SOAK_SECS=600 cargo nextest run --test soak --no-capture   # the long run
 //!     KEYSEAL_SOAK_SECS=600 KEYSEAL_SOAK_PUT_NAMES=16 KEYSEAL_SOAK_WARMUP_SECS=60 \
 //!         cargo nextest run --test soak --no-capture   # a store of constant size
+//!     KEYSEAL_SOAK_BACKEND=swtpm cargo nextest run --test soak --no-capture   # on swtpm
 
 mod common;
 
@@ -183,6 +184,15 @@ fn put_names() -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
+}
+
+/// `KEYSEAL_SOAK_BACKEND`: `softhsm` (default) or `swtpm`.
+fn soak_backend() -> Backend {
+    match std::env::var("KEYSEAL_SOAK_BACKEND").as_deref() {
+        Ok("swtpm") => Backend::Tpm,
+        Ok("softhsm") | Err(_) => Backend::SoftHsm,
+        Ok(other) => panic!("KEYSEAL_SOAK_BACKEND must be softhsm or swtpm, not {other:?}"),
+    }
 }
 
 /// `KEYSEAL_SOAK_WARMUP_SECS`: where growth is measured from (default
@@ -454,7 +464,7 @@ fn soak_mixed_load() {
         "\n[proxy]\ngateway_listen = \"127.0.0.1:{gw}\"\negress_allow = [\"*\"]\nheader_timeout_secs = 30\n"
     );
     let d = TestDaemon::start_with(
-        Backend::SoftHsm,
+        soak_backend(),
         &format!("{ROOT_POLICY}\n{PROXY_POLICY}"),
         &extra,
     );
@@ -570,7 +580,8 @@ fn soak_mixed_load() {
     // The table.
     // ------------------------------------------------------------------
     println!(
-        "soak: {CLIENTS} clients, {secs} s, keyseald workers {DAEMON_WORKERS}, load generator workers {LOAD_WORKERS}, puts {}, warm-up {} s, started {started}, load average at start {load_start}, at end {load_end}",
+        "soak: {CLIENTS} clients, {secs} s, root {:?}, keyseald workers {DAEMON_WORKERS}, load generator workers {LOAD_WORKERS}, puts {}, warm-up {} s, started {started}, load average at start {load_start}, at end {load_end}",
+        soak_backend(),
         match put_names() {
             0 => "to new names".to_string(),
             n => format!("overwriting {n} names per client"),
