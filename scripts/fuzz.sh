@@ -60,8 +60,8 @@ for t in "${targets[@]}"; do
   printf '%-14s %12s %10s %8s %s\n' "$t" "$runs" "$((runs / (secs > 0 ? secs : 1)))" "$crashes" "$note"
 done
 # The config, audit_bundle and grpc_messages targets keep their files
-# (grpc_messages: a SoftHSM2 token, store and audit log) in per-process
-# temp directories.
+# (grpc_messages: a SoftHSM2 token, store and audit log, on /dev/shm when
+# it exists) in per-process temp directories.
 rm -rf "${TMPDIR:-/tmp}"/keyseal-fuzz-config-* "${TMPDIR:-/tmp}"/keyseal-fuzz-bundle-* \
-  "${TMPDIR:-/tmp}"/keyseal-fuzz-grpc-*
+  "${TMPDIR:-/tmp}"/keyseal-fuzz-grpc-* /dev/shm/keyseal-fuzz-grpc-*
 exit "$failed"
