@@ -168,14 +168,7 @@ fn setup() -> Harness {
     // on a disk those syncs, not the handlers, set the execution rate.
     let mut b = tempfile::Builder::new();
     b.prefix("keyseal-fuzz-grpc-");
-    let dir = match std::env::var_os("KEYSEAL_FUZZ_TMP") {
-        Some(d) => b.tempdir_in(d),
-        None if std::path::Path::new("/dev/shm").is_dir() => {
-            b.tempdir_in("/dev/shm").or_else(|_| b.tempdir())
-        }
-        None => b.tempdir(),
-    }
-    .unwrap();
+    let dir = b.tempdir_in("/dev/shm").or_else(|_| b.tempdir()).unwrap();
     // SoftHSM2 reads SOFTHSM2_CONF when the module is loaded (first
     // Pkcs11Root::open), so it is set first.
     let conf = keyseal::testkit_hsm::write_softhsm_conf(dir.path()).unwrap();

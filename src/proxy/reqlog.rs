@@ -22,8 +22,8 @@
 //! every decision): appends are written to the OS per batch but not
 //! synced, as sled's were not. A query first waits until every entry
 //! handed over before it is written, so a caller reads its own requests.
-//! Below the store's free-space reserve entries are dropped (counted, and
-//! logged at debug), as before.
+//! Below the store's free-space reserve entries are dropped (logged at
+//! debug), as before.
 
 use std::collections::{BTreeSet, BinaryHeap};
 use std::fs::{self, File, OpenOptions};
@@ -189,6 +189,23 @@ fn scan(
     }
 }
 
+impl Shared {
+    /// Reads the published records of segment `m` (see [`scan`]); a
+    /// segment deleted meanwhile (pruned) reads as empty.
+    fn read_segment(
+        &self,
+        m: &SegMeta,
+        f: &mut dyn FnMut(LogEntry, u64, u64),
+    ) -> Result<(), ProxyError> {
+        let path = seg_path(&self.dir, m.id, "rlog");
+        match scan(&path, m.bytes, f) {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io("read", &path, e)),
+        }
+    }
+}
+
 enum Msg {
     Entry(LogEntry),
     /// Answered once everything sent before it is written.
@@ -203,7 +220,6 @@ struct Shared {
     segs: Mutex<Vec<SegMeta>>,
     /// Entries older than this were pruned (whole files go later).
     hidden_before: AtomicU64,
-    dropped: AtomicU64,
 }
 
 /// The request log: see the module documentation.
@@ -259,7 +275,6 @@ impl RequestLog {
             disk,
             segs: Mutex::new(segs),
             hidden_before: AtomicU64::new(0),
-            dropped: AtomicU64::new(0),
         });
         let (tx, rx) = mpsc::sync_channel(QUEUE);
         let w = Writer {
@@ -332,7 +347,6 @@ impl RequestLog {
     }
 
     fn lost(&self) {
-        self.shared.dropped.fetch_add(1, Ordering::Relaxed);
         tracing::warn!("request log entry lost: the writer has stopped");
     }
 
@@ -348,12 +362,6 @@ impl RequestLog {
                 "request log: the writer did not catch up in time".into(),
             ))),
         }
-    }
-
-    /// Entries dropped since start (below the free-space reserve, or on a
-    /// write error).
-    pub fn dropped(&self) -> u64 {
-        self.shared.dropped.load(Ordering::Relaxed)
     }
 
     /// Entries of `proxy` with `after_us <= time < before_us` (0: open),
@@ -384,8 +392,7 @@ impl RequestLog {
             if best.len() >= limit && best.peek().is_some_and(|w| m.min_us > w.time) {
                 continue;
             }
-            let path = seg_path(&self.shared.dir, m.id, "rlog");
-            let res = scan(&path, m.bytes, &mut |e, off, _| {
+            self.shared.read_segment(&m, &mut |e, off, _| {
                 if e.proxy != proxy || e.time_us < after || e.time_us >= before {
                     return;
                 }
@@ -401,13 +408,7 @@ impl RequestLog {
                     best.pop();
                     best.push(f);
                 }
-            });
-            match res {
-                Ok(_) => {}
-                // Pruned while this query ran.
-                Err(e) if e.kind() == ErrorKind::NotFound => {}
-                Err(e) => return Err(io("read", &path, e)),
-            }
+            })?;
         }
         Ok(best
             .into_sorted_vec()
@@ -458,17 +459,11 @@ impl RequestLog {
                 hidden += m.count;
                 continue;
             }
-            let path = seg_path(&self.shared.dir, m.id, "rlog");
-            let res = scan(&path, m.bytes, &mut |e, _, _| {
+            self.shared.read_segment(m, &mut |e, _, _| {
                 if e.time_us >= was && e.time_us < before_us {
                     hidden += 1;
                 }
-            });
-            match res {
-                Ok(_) => {}
-                Err(e) if e.kind() == ErrorKind::NotFound => {}
-                Err(e) => return Err(io("read", &path, e)),
-            }
+            })?;
         }
         for m in gone {
             let log = seg_path(&self.shared.dir, m.id, "rlog");
@@ -574,13 +569,11 @@ impl Writer {
     fn write_batch(&mut self, batch: &mut Vec<LogEntry>) {
         let n = batch.len() as u64;
         if let Err(e) = self.shared.disk.check_write() {
-            self.shared.dropped.fetch_add(n, Ordering::Relaxed);
             tracing::debug!(entries = n, error = %e, "request log entries dropped");
             batch.clear();
             return;
         }
         if let Err(e) = self.try_write(batch) {
-            self.shared.dropped.fetch_add(n, Ordering::Relaxed);
             tracing::warn!(entries = n, error = %e, "request log write failed; entries dropped");
             // Whatever part reached the file is past the published length
             // (readers never see it) and is cut at the next open; the next

@@ -750,12 +750,6 @@ impl ProxyStore {
     ) -> Result<Vec<LogEntry>, ProxyError> {
         self.log.query(proxy, after_us, before_us, limit)
     }
-
-    /// Request-log entries dropped since start (below the free-space
-    /// reserve, or on a write error).
-    pub fn log_dropped(&self) -> u64 {
-        self.log.dropped()
-    }
 }
 
 /// Moves an older store's request log (the `proxy_log` sled tree) into the
