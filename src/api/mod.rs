@@ -76,6 +76,8 @@ pub struct AuditCtx {
     target: Option<String>,
     request_id: String,
     detail: Vec<(&'static str, String)>,
+    /// Tells the audit writer an event is coming (group-commit linger).
+    expected: Option<crate::audit::Expected>,
 }
 
 impl AuditCtx {
@@ -159,6 +161,7 @@ impl DaemonState {
             target,
             request_id: format!("c{conn}-r{n}"),
             detail: Vec::new(),
+            expected: self.audit.as_ref().map(|a| a.expect()),
         }
     }
 
@@ -210,7 +213,11 @@ impl DaemonState {
         for (k, v) in ctx.detail {
             ev = ev.detail(k, v);
         }
-        match audit.append(ev).await {
+        // `append` queues the event when called: the writer need no longer
+        // wait for this request.
+        let appended = audit.append(ev);
+        drop(ctx.expected);
+        match appended.await {
             Result::Ok(_) => Result::Ok(()),
             Err(e) => {
                 tracing::error!(error = %e, op = ctx.op, "audit append failed; failing the request");

@@ -265,6 +265,20 @@ pub(crate) struct Shared {
     checkpoint_lock: Mutex<()>,
     prune_lock: Mutex<()>,
     size_tx: watch::Sender<u64>,
+    /// Requests being handled that will append an event ([`Expected`]):
+    /// the writer lingers for more events only while this is non-zero.
+    expected: AtomicU64,
+}
+
+/// A request in progress that will append an audit event (see
+/// [`AuditLog::expect`]). Drop it once the event is queued, or when the
+/// request ends without one.
+pub struct Expected(Arc<Shared>);
+
+impl Drop for Expected {
+    fn drop(&mut self) {
+        self.0.expected.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// The audit log. Cheap to share behind an `Arc`; every method takes `&self`.
@@ -429,6 +443,7 @@ impl AuditLog {
             checkpoint_lock: Mutex::new(()),
             prune_lock: Mutex::new(()),
             size_tx,
+            expected: AtomicU64::new(0),
             cfg,
         });
 
@@ -486,6 +501,16 @@ impl AuditLog {
 
     pub fn config(&self) -> &AuditConfig {
         &self.shared.cfg
+    }
+
+    /// Announces a request that will append an event. While any such
+    /// request is in progress, the writer may linger (up to
+    /// `commit_linger`) so that one sync covers its event too; when none
+    /// is, a batch is committed at once (a lingering writer would only
+    /// leave the CPU idle).
+    pub fn expect(&self) -> Expected {
+        self.shared.expected.fetch_add(1, Ordering::Relaxed);
+        Expected(self.shared.clone())
     }
 
     fn submit(&self, event: NewEvent, reply: Reply) -> Result<(), AuditError> {
@@ -1207,7 +1232,10 @@ fn writer_loop(
         drain(&mut batch);
         if busy && !sh.cfg.commit_linger.is_zero() {
             let until = Instant::now() + sh.cfg.commit_linger;
-            while batch.len() < max_batch && Instant::now() < until {
+            while batch.len() < max_batch
+                && Instant::now() < until
+                && sh.expected.load(Ordering::Relaxed) > 0
+            {
                 std::thread::sleep(LINGER_STEP);
                 let before = batch.len();
                 drain(&mut batch);

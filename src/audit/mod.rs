@@ -30,7 +30,9 @@ pub use bundle::{
 };
 pub use event::{Actor, ActorKind, AuditEvent, EventFilter, NewEvent, Outcome};
 pub use key::AuditKey;
-pub use log::{AuditLog, AuditStats, EventRange, Fault, PruneSummary, StoredCheckpoint, TreeHead};
+pub use log::{
+    AuditLog, AuditStats, EventRange, Expected, Fault, PruneSummary, StoredCheckpoint, TreeHead,
+};
 pub use note::{AuditPublicKey, Checkpoint};
 
 use crate::root::RootError;
