@@ -29,7 +29,9 @@
 //! contains a secret value of the request; INTERNAL/UNKNOWN answers are
 //! printed once per method and message (to note, not to fail); every 64
 //! inputs a Put/Get round trip of a fresh value and a Status call succeed
-//! (the daemon state stays usable). `GRPC_FUZZ_VERBOSE=1` prints each
+//! (the daemon state stays usable). Every 4096 inputs the harness exports
+//! the audit log and prunes what the export covered (housekeeping, so the
+//! rate does not fall as the log grows). `GRPC_FUZZ_VERBOSE=1` prints each
 //! call's outcome.
 #![no_main]
 
@@ -554,6 +556,26 @@ async fn call(h: &Harness, i: usize, b: &[u8]) -> Option<(Result<(), Status>, Op
 }
 
 /// A fresh value round-trips and Status answers: the state is usable.
+/// What an operator does with a busy log: export it, then prune what the
+/// export covered. Without it the log grows by an event or more per input
+/// and every fuzzed Export and Query reads all of it: a long run slowed
+/// from ~2.4k to ~650 inputs/s per process over 44 minutes.
+async fn housekeeping(h: &Harness, n: u64) {
+    let s = h
+        .audit
+        .export(request(pb::AuditExportRequest::default()))
+        .await
+        .unwrap_or_else(|e| panic!("housekeeping Export failed after {n} inputs: {e:?}"))
+        .into_inner();
+    drain(s, usize::MAX, Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|e| panic!("housekeeping Export stream failed after {n} inputs: {e:?}"));
+    h.audit
+        .prune(request(pb::AuditPruneRequest::default()))
+        .await
+        .unwrap_or_else(|e| panic!("housekeeping Prune failed after {n} inputs: {e:?}"));
+}
+
 async fn check_usable(h: &Harness, n: u64) {
     let value = format!("check-{n}").into_bytes();
     let put = h
@@ -691,6 +713,9 @@ fuzz_target!(|data: &[u8]| {
         }
         if n % 64 == 63 {
             check_usable(h, n).await;
+        }
+        if n % 4096 == 4095 {
+            housekeeping(h, n).await;
         }
     });
 });
