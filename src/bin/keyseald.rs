@@ -14,7 +14,9 @@ use keyseal::secrets::SecretStore;
 use keyseal::store::Store;
 
 // glibc malloc was ~12% of keyseald's CPU under gRPC load (h2 frames,
-// futures, events are all short-lived allocations across threads).
+// futures, events are all short-lived allocations across threads). Build
+// with `--no-default-features` for glibc malloc (heap profilers).
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
