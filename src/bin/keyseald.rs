@@ -13,9 +13,9 @@ use keyseal::policy::{Policy, PolicyHandle};
 use keyseal::secrets::SecretStore;
 use keyseal::store::Store;
 
-// glibc malloc was ~12% of keyseald's CPU under gRPC load (h2 frames,
-// futures, events are all short-lived allocations across threads). Build
-// with `--no-default-features` for glibc malloc (heap profilers).
+// Opt-in (`--features mimalloc`): glibc malloc is ~12% of keyseald's CPU
+// under gRPC load, but mimalloc kept ~4x the resident memory in the soak
+// (333 vs 81 MiB), so the default stays glibc (docs/performance.md).
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
