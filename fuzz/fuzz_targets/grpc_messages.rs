@@ -555,7 +555,6 @@ async fn call(h: &Harness, i: usize, b: &[u8]) -> Option<(Result<(), Status>, Op
     Some((r, secret))
 }
 
-/// A fresh value round-trips and Status answers: the state is usable.
 /// What an operator does with a busy log: export it, then prune what the
 /// export covered. Without it the log grows by an event or more per input
 /// and every fuzzed Export and Query reads all of it: a long run slowed
@@ -576,6 +575,7 @@ async fn housekeeping(h: &Harness, n: u64) {
         .unwrap_or_else(|e| panic!("housekeeping Prune failed after {n} inputs: {e:?}"));
 }
 
+/// A fresh value round-trips and Status answers: the state is usable.
 async fn check_usable(h: &Harness, n: u64) {
     let value = format!("check-{n}").into_bytes();
     let put = h

@@ -9,7 +9,7 @@
 //! a tree of size n is a node of the RFC 6962 tree of size n, so its hash can
 //! be stored once (when it completes) and reused for every later tree size.
 
-use ring::digest::{Context, SHA256};
+use ring::digest::{Context, Digest, SHA256};
 use serde::{Deserialize, Serialize};
 
 /// A SHA-256 hash.
@@ -18,9 +18,9 @@ pub type Hash = [u8; 32];
 // SHA-256 from ring: its assembly is ~1.8x the `sha2` crate's portable
 // code on CPUs without SHA extensions, and every audit event costs a leaf
 // hash and on average one node hash on the request path.
-fn finish(h: Context) -> Hash {
+fn to_hash(d: Digest) -> Hash {
     let mut out = [0u8; 32];
-    out.copy_from_slice(h.finish().as_ref());
+    out.copy_from_slice(d.as_ref());
     out
 }
 
@@ -29,7 +29,7 @@ pub fn leaf_hash(data: &[u8]) -> Hash {
     let mut h = Context::new(&SHA256);
     h.update(&[0u8]);
     h.update(data);
-    finish(h)
+    to_hash(h.finish())
 }
 
 /// SHA-256(0x01 || left || right): the hash of an interior node.
@@ -38,14 +38,12 @@ pub fn node_hash(left: &Hash, right: &Hash) -> Hash {
     buf[0] = 1;
     buf[1..33].copy_from_slice(left);
     buf[33..].copy_from_slice(right);
-    let mut out = [0u8; 32];
-    out.copy_from_slice(ring::digest::digest(&SHA256, &buf).as_ref());
-    out
+    to_hash(ring::digest::digest(&SHA256, &buf))
 }
 
 /// The root of the empty tree: SHA-256 of the empty string.
 pub fn empty_root() -> Hash {
-    finish(Context::new(&SHA256))
+    to_hash(ring::digest::digest(&SHA256, &[]))
 }
 
 /// A perfect, aligned subtree: leaves `[index << level, (index + 1) << level)`.
