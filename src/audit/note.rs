@@ -21,9 +21,9 @@ use std::fmt;
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
-use p256::ecdsa::signature::Verifier as _;
-use p256::ecdsa::{Signature, VerifyingKey};
+use p256::ecdsa::VerifyingKey;
 use p256::pkcs8::DecodePublicKey as _;
+use ring::signature::{UnparsedPublicKey, ECDSA_P256_SHA256_ASN1};
 use sha2::{Digest, Sha256};
 
 use super::merkle::Hash;
@@ -202,16 +202,29 @@ impl SignedNote {
 }
 
 /// The audit public key: ECDSA P-256, known by its SPKI.
+///
+/// The SPKI is parsed (and the point checked) with `p256`; signatures are
+/// verified with `ring`, whose assembly P-256 is about 5× faster here
+/// (65 µs vs 343 µs per verification, release build), which is what an
+/// auditor verifying a long log's checkpoints waits on.
 #[derive(Clone)]
 pub struct AuditPublicKey {
     spki: Vec<u8>,
-    key: VerifyingKey,
+    /// The uncompressed SEC1 point, as `ring` takes it.
+    key: UnparsedPublicKey<Vec<u8>>,
 }
 
 impl fmt::Debug for AuditPublicKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "AuditPublicKey({:08x})", self.key_id())
     }
+}
+
+fn ring_key(key: &VerifyingKey) -> UnparsedPublicKey<Vec<u8>> {
+    UnparsedPublicKey::new(
+        &ECDSA_P256_SHA256_ASN1,
+        key.to_encoded_point(false).as_bytes().to_vec(),
+    )
 }
 
 impl AuditPublicKey {
@@ -221,7 +234,7 @@ impl AuditPublicKey {
             .map_err(|e| NoteError::Key(format!("not a P-256 SubjectPublicKeyInfo: {e}")))?;
         Ok(AuditPublicKey {
             spki: spki.to_vec(),
-            key,
+            key: ring_key(&key),
         })
     }
 
@@ -232,7 +245,10 @@ impl AuditPublicKey {
         let spki = p256::pkcs8::EncodePublicKey::to_public_key_der(&key)
             .map_err(|e| NoteError::Key(e.to_string()))?
             .into_vec();
-        Ok(AuditPublicKey { spki, key })
+        Ok(AuditPublicKey {
+            spki,
+            key: ring_key(&key),
+        })
     }
 
     pub fn spki(&self) -> &[u8] {
@@ -265,10 +281,7 @@ impl AuditPublicKey {
 
     /// Verifies a DER ECDSA signature over SHA-256(`msg`).
     pub fn verify(&self, msg: &[u8], der_sig: &[u8]) -> bool {
-        match Signature::from_der(der_sig) {
-            Ok(sig) => self.key.verify(msg, &sig).is_ok(),
-            Err(_) => false,
-        }
+        self.key.verify(msg, der_sig).is_ok()
     }
 
     /// Parses a signed checkpoint and verifies the signature by this key
@@ -373,7 +386,7 @@ pub fn split_notes(text: &str) -> Result<Vec<String>, NoteError> {
 #[cfg(test)]
 mod tests {
     use p256::ecdsa::signature::Signer as _;
-    use p256::ecdsa::SigningKey;
+    use p256::ecdsa::{Signature, SigningKey};
     use p256::pkcs8::EncodePublicKey as _;
 
     use super::*;
