@@ -557,10 +557,23 @@ pub struct Rule {
     pub created_at: u64,
 }
 
-fn compile(what: &str, re: &str) -> Result<regex::Regex, ProxyError> {
-    regex::RegexBuilder::new(&format!("^(?:{re})$"))
-        .size_limit(REGEX_SIZE_LIMIT)
-        .build()
+/// A compiled rule regex: regex-automata's meta engine with the same
+/// syntax as the `regex` crate, but without a fully compiled DFA. The
+/// `regex` crate builds one for small patterns (regex-automata's
+/// `dfa-build` is on in this tree through tracing-subscriber), which made
+/// a rule 1.1–6× slower to compile (release, e.g. 475 µs vs 79 µs for
+/// `/v1/charges(/[a-z0-9_]+)?`) for no measurable gain per match (both
+/// 30–230 ns against a request path); the lazy DFA serves matching.
+type RuleRegex = regex_automata::meta::Regex;
+
+fn compile(what: &str, re: &str) -> Result<RuleRegex, ProxyError> {
+    regex_automata::meta::Builder::new()
+        .configure(
+            regex_automata::meta::Config::new()
+                .dfa(false)
+                .nfa_size_limit(Some(REGEX_SIZE_LIMIT)),
+        )
+        .build(&format!("^(?:{re})$"))
         .map_err(|e| {
             invalid(format!(
                 "{what} regex {re:?}: {}",
@@ -573,9 +586,9 @@ fn compile(what: &str, re: &str) -> Result<regex::Regex, ProxyError> {
 #[derive(Debug, Clone)]
 pub struct CompiledRule {
     pub rule: Rule,
-    path: regex::Regex,
-    headers: Vec<(String, regex::Regex)>,
-    query: Vec<(String, regex::Regex)>,
+    path: RuleRegex,
+    headers: Vec<(String, RuleRegex)>,
+    query: Vec<(String, RuleRegex)>,
 }
 
 impl CompiledRule {
@@ -825,6 +838,45 @@ mod tests {
             created_at: 0,
         })
         .unwrap()
+    }
+
+    #[test]
+    fn rule_regexes_are_anchored_unicode_and_bounded() {
+        let r = rule(
+            "r1",
+            1,
+            Effect::Allow,
+            &[],
+            "/v1/(charges|refunds)/[a-z0-9_]+",
+        );
+        let decide = |path| evaluate(Effect::Deny, std::slice::from_ref(&r), &facts("GET", path));
+        assert_eq!(decide("/v1/charges/ch_1").effect, Effect::Allow);
+        // Anchored at both ends: no match on a prefix or a suffix.
+        assert_eq!(decide("/v1/charges/ch_1/x").effect, Effect::Deny);
+        assert_eq!(decide("/x/v1/charges/ch_1").effect, Effect::Deny);
+        // The `regex` crate's syntax: Unicode classes, `|` kept inside.
+        let u = rule("r2", 1, Effect::Allow, &[], r"/\w+|/admin");
+        let ok =
+            |path| evaluate(Effect::Deny, std::slice::from_ref(&u), &facts("GET", path)).effect;
+        assert_eq!(ok("/grüße"), Effect::Allow);
+        assert_eq!(ok("/admin"), Effect::Allow);
+        assert_eq!(ok("/a/b"), Effect::Deny);
+        let bad = |path: &str| {
+            CompiledRule::new(Rule {
+                path: path.into(),
+                ..r.rule.clone()
+            })
+            .unwrap_err()
+            .to_string()
+        };
+        let e = bad("(unclosed");
+        assert!(
+            e.contains("path regex \"(unclosed\"") && !e.contains('\n'),
+            "{e}"
+        );
+        // Over the compiled-size bound: refused, not built.
+        let e = bad(r"\w{1000}\w{1000}");
+        assert!(e.contains("path regex"), "{e}");
     }
 
     fn facts<'a>(method: &'a str, path: &'a str) -> RequestFacts<'a> {
