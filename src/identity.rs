@@ -104,6 +104,40 @@ fn clean(s: &str) -> String {
     s.escape_debug().to_string()
 }
 
+/// Attributes a caller must all have (`None`: not checked): the one
+/// matching rule behind policy selectors (`policy.rs`) and proxy caller
+/// selectors (`proxy::model::CallerSelector`). A gid matches the primary
+/// or a supplementary group; a group name any of the caller's group names;
+/// a unit only a system unit (not one of a user's manager).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Attributes<'a> {
+    pub uid: Option<u32>,
+    pub user: Option<&'a str>,
+    pub gid: Option<u32>,
+    pub group: Option<&'a str>,
+    pub unit: Option<&'a str>,
+    pub exe: Option<&'a Path>,
+    pub exe_sha256: Option<&'a str>,
+}
+
+impl Attributes<'_> {
+    pub fn matches(&self, who: &PeerIdentity) -> bool {
+        self.uid.map_or(true, |u| who.uid == u)
+            && self.user.map_or(true, |u| who.user.as_deref() == Some(u))
+            && self
+                .gid
+                .map_or(true, |g| who.gid == g || who.groups.contains(&g))
+            && self
+                .group
+                .map_or(true, |g| who.group_names.iter().any(|n| n == g))
+            && self.unit.map_or(true, |u| who.system_unit() == Some(u))
+            && self.exe.map_or(true, |e| who.exe.as_deref() == Some(e))
+            && self
+                .exe_sha256
+                .map_or(true, |h| who.exe_sha256.as_deref() == Some(h))
+    }
+}
+
 impl PeerIdentity {
     /// An identity with only uid and gid known (no pid, names or `/proc`
     /// attributes). Useful for tests and for callers identified otherwise.

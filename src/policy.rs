@@ -98,7 +98,7 @@ use std::sync::Arc;
 use parking_lot::RwLock;
 use serde::Deserialize;
 
-use crate::identity::PeerIdentity;
+use crate::identity::{Attributes, PeerIdentity};
 use crate::name::{NameError, SecretName};
 
 /// Largest policy file accepted by [`Policy::load`].
@@ -581,33 +581,17 @@ struct Selector {
 
 impl Selector {
     fn matches(&self, who: &PeerIdentity) -> bool {
-        if self.any {
-            return true;
-        }
-        self.uid.map_or(true, |u| who.uid == u)
-            && self
-                .user
-                .as_ref()
-                .map_or(true, |u| who.user.as_ref() == Some(u))
-            && self
-                .gid
-                .map_or(true, |g| who.gid == g || who.groups.contains(&g))
-            && self
-                .group
-                .as_ref()
-                .map_or(true, |g| who.group_names.contains(g))
-            && self
-                .unit
-                .as_deref()
-                .map_or(true, |u| who.system_unit() == Some(u))
-            && self
-                .exe
-                .as_ref()
-                .map_or(true, |e| who.exe.as_ref() == Some(e))
-            && self
-                .exe_sha256
-                .as_ref()
-                .map_or(true, |h| who.exe_sha256.as_ref() == Some(h))
+        self.any
+            || Attributes {
+                uid: self.uid,
+                user: self.user.as_deref(),
+                gid: self.gid,
+                group: self.group.as_deref(),
+                unit: self.unit.as_deref(),
+                exe: self.exe.as_deref(),
+                exe_sha256: self.exe_sha256.as_deref(),
+            }
+            .matches(who)
     }
 }
 

@@ -9,7 +9,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::identity::PeerIdentity;
+use crate::identity::{Attributes, PeerIdentity};
 
 /// Longest name of a target, credential, proxy or rule id.
 pub const MAX_NAME: usize = 64;
@@ -380,29 +380,16 @@ impl CallerSelector {
     }
 
     pub fn matches(&self, who: &PeerIdentity) -> bool {
-        self.uid.map_or(true, |u| who.uid == u)
-            && self
-                .user
-                .as_ref()
-                .map_or(true, |u| who.user.as_ref() == Some(u))
-            && self
-                .gid
-                .map_or(true, |g| who.gid == g || who.groups.contains(&g))
-            && self
-                .group
-                .as_ref()
-                .map_or(true, |g| who.group_names.contains(g))
-            && self
-                .unit
-                .as_deref()
-                .map_or(true, |u| who.system_unit() == Some(u))
-            && self.exe.as_deref().map_or(true, |e| {
-                who.exe.as_deref().and_then(|p| p.to_str()) == Some(e)
-            })
-            && self
-                .exe_sha256
-                .as_ref()
-                .map_or(true, |h| who.exe_sha256.as_ref() == Some(h))
+        Attributes {
+            uid: self.uid,
+            user: self.user.as_deref(),
+            gid: self.gid,
+            group: self.group.as_deref(),
+            unit: self.unit.as_deref(),
+            exe: self.exe.as_deref().map(std::path::Path::new),
+            exe_sha256: self.exe_sha256.as_deref(),
+        }
+        .matches(who)
     }
 }
 
