@@ -388,6 +388,11 @@ fn root_rotation_with_crash(b: Backend) {
         out,
         RotationOutcome::Completed { from: 2, to: 3, .. }
     ));
+    assert!(!s.envelope().root().has_version(2).unwrap(), "v2 retired");
+    assert!(s.envelope().root().has_version(3).unwrap(), "v3 active");
+    // Each old version retired exactly once, in order.
+    let st = s.store().root_state().unwrap().unwrap();
+    assert_eq!(st.retired, vec![1, 2]);
 }
 
 fn concurrent_readers_and_writers(b: Backend) {
