@@ -2,7 +2,6 @@
 //! targets, target credentials (values from stdin or a file, never argv,
 //! never printed), proxies, rules, rule tests and the request log.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use clap::Subcommand;
@@ -240,24 +239,10 @@ fn conds(items: &[String], what: &str) -> Result<Vec<pb::ProxyCondition>, Failur
         .collect()
 }
 
+/// A credential from a file or stdin (`read_value`), without the trailing
+/// newline `echo` adds.
 fn read_secret(from_file: Option<PathBuf>) -> Result<Zeroizing<Vec<u8>>, Failure> {
-    let mut buf = Zeroizing::new(Vec::new());
-    match from_file {
-        Some(p) => {
-            *buf = std::fs::read(&p).map_err(|e| {
-                Failure::new(
-                    exit::DATA,
-                    format!("cannot read {}: {e}", p.display()),
-                    None,
-                )
-            })?
-        }
-        None => {
-            std::io::stdin()
-                .read_to_end(&mut buf)
-                .map_err(|e| Failure::new(exit::DATA, format!("cannot read stdin: {e}"), None))?;
-        }
-    }
+    let mut buf = crate::read_value(from_file)?;
     // A trailing newline from `echo` is not part of the credential.
     while buf.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
         buf.pop();
