@@ -10,7 +10,7 @@
 //!
 //! Rule evaluation must never panic and must agree with a brute-force
 //! oracle (lowest matching priority decides, deny wins within it, else the
-//! default). Every line also goes through the URL/host parsers and the SSRF
+//! default); the gateway's `decide` must agree with `evaluate`. Every line also goes through the URL/host parsers and the SSRF
 //! numeric-host normalisation, which must be idempotent and agree with the
 //! standard library on canonical dotted quads.
 #![no_main]
@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
 
 use keyseal::proxy::model::{
-    check_name, evaluate, percent_decode, query_pairs, sort_rules, BaseUrl, CallerSelector,
+    check_name, decide, decision_reason, evaluate, percent_decode, query_pairs, sort_rules, BaseUrl, CallerSelector,
     CompiledRule, Condition, Effect, Injection, RequestFacts, Rule,
 };
 use keyseal::proxy::ssrf::{parse_numeric_host, refused_reason, split_host_port, Egress};
@@ -169,8 +169,13 @@ fuzz_target!(|data: &[u8]| {
                 .is_some()
         })
         .collect();
+    // The gateway's fast path decides the same.
+    let won = decide(&rules, &req);
     for default in [Effect::Allow, Effect::Deny] {
         let ex = evaluate(default, &rules, &req);
+        assert_eq!(won.map(|r| r.rule.id.as_str()), ex.rule.as_deref());
+        assert_eq!(won.map_or(default, |r| r.rule.effect), ex.effect);
+        assert_eq!(decision_reason(default, won), ex.reason);
         match matching.iter().map(|r| r.rule.priority).min() {
             None => {
                 assert_eq!(ex.effect, default);

@@ -614,16 +614,15 @@ impl CompiledRule {
         })
     }
 
-    /// Why this rule does not match, or `None` when it does.
-    fn mismatch(&self, req: &RequestFacts<'_>) -> Option<String> {
+    /// The first condition of this rule the request fails, or `None` when
+    /// the rule matches. Allocates nothing: the gateway asks this per rule
+    /// per request.
+    fn first_mismatch(&self, req: &RequestFacts<'_>) -> Option<Mismatch<'_>> {
         if !self.rule.methods.is_empty() && !self.rule.methods.iter().any(|m| m == req.method) {
-            return Some(format!(
-                "method {} not in {:?}",
-                req.method, self.rule.methods
-            ));
+            return Some(Mismatch::Method);
         }
         if !self.path.is_match(req.path) {
-            return Some(format!("path does not match {:?}", self.rule.path));
+            return Some(Mismatch::Path);
         }
         for (name, re) in &self.headers {
             let ok = req
@@ -631,17 +630,35 @@ impl CompiledRule {
                 .iter()
                 .any(|(k, v)| k.eq_ignore_ascii_case(name) && re.is_match(v));
             if !ok {
-                return Some(format!("header {name} absent or not matching"));
+                return Some(Mismatch::Header(name));
             }
         }
         for (name, re) in &self.query {
             let ok = query_pairs(req.query).any(|(k, v)| k == *name && re.is_match(&v));
             if !ok {
-                return Some(format!("query parameter {name} absent or not matching"));
+                return Some(Mismatch::Query(name));
             }
         }
         None
     }
+
+    /// Why this rule does not match, in words, or `None` when it does.
+    fn mismatch(&self, req: &RequestFacts<'_>) -> Option<String> {
+        Some(match self.first_mismatch(req)? {
+            Mismatch::Method => format!("method {} not in {:?}", req.method, self.rule.methods),
+            Mismatch::Path => format!("path does not match {:?}", self.rule.path),
+            Mismatch::Header(name) => format!("header {name} absent or not matching"),
+            Mismatch::Query(name) => format!("query parameter {name} absent or not matching"),
+        })
+    }
+}
+
+/// The condition a request fails first (see `CompiledRule::first_mismatch`).
+enum Mismatch<'r> {
+    Method,
+    Path,
+    Header(&'r str),
+    Query(&'r str),
 }
 
 /// Percent-decodes (lossy UTF-8); `+` is a space.
@@ -751,27 +768,36 @@ pub fn evaluate(default: Effect, rules: &[CompiledRule], req: &RequestFacts<'_>)
             decided = Some(r);
         }
     }
-    match decided {
-        Some(r) => Explain {
-            effect: r.rule.effect,
-            rule: Some(r.rule.id.clone()),
-            reason: format!(
-                "rule {} (priority {}) matches: {}",
-                r.rule.id,
-                r.rule.priority,
-                r.rule.effect.as_str()
-            ),
-            trace,
-        },
-        None => Explain {
-            effect: default,
-            rule: None,
-            reason: format!(
-                "no rule matches: the proxy's default ({})",
-                default.as_str()
-            ),
-            trace,
-        },
+    Explain {
+        effect: decided.map_or(default, |r| r.rule.effect),
+        rule: decided.map(|r| r.rule.id.clone()),
+        reason: decision_reason(default, decided),
+        trace,
+    }
+}
+
+/// The rule that decides a request, or `None` for the proxy's default:
+/// [`evaluate`]'s decision without its trace (no reasons formatted, no
+/// allocation), for the gateway's per-request path. In sorted order the
+/// first matching rule has the lowest matching priority and, denies coming
+/// first within a priority, is a deny whenever one matches there.
+pub fn decide<'r>(rules: &'r [CompiledRule], req: &RequestFacts<'_>) -> Option<&'r CompiledRule> {
+    rules.iter().find(|r| r.first_mismatch(req).is_none())
+}
+
+/// [`Explain::reason`] for a decision by `rule` (or the default).
+pub fn decision_reason(default: Effect, rule: Option<&CompiledRule>) -> String {
+    match rule {
+        Some(r) => format!(
+            "rule {} (priority {}) matches: {}",
+            r.rule.id,
+            r.rule.priority,
+            r.rule.effect.as_str()
+        ),
+        None => format!(
+            "no rule matches: the proxy's default ({})",
+            default.as_str()
+        ),
     }
 }
 
@@ -825,6 +851,33 @@ mod tests {
             created_at: 0,
         })
         .unwrap()
+    }
+
+    #[test]
+    fn decide_agrees_with_evaluate() {
+        let mut rules = vec![
+            rule("a-allow", 10, Effect::Allow, &["GET"], "/v1/.*"),
+            rule("a-deny", 10, Effect::Deny, &[], "/v1/admin/.*"),
+            rule("b-allow", 5, Effect::Allow, &["POST"], "/v1/charges"),
+            rule("c-deny", 20, Effect::Deny, &[], ".*"),
+        ];
+        sort_rules(&mut rules);
+        for (m, p) in [
+            ("GET", "/v1/x"),
+            ("GET", "/v1/admin/x"),
+            ("POST", "/v1/charges"),
+            ("POST", "/v1/x"),
+            ("DELETE", "/other"),
+        ] {
+            for default in [Effect::Allow, Effect::Deny] {
+                let ex = evaluate(default, &rules, &facts(m, p));
+                let won = decide(&rules, &facts(m, p));
+                assert_eq!(won.map(|r| r.rule.id.clone()), ex.rule, "{m} {p}");
+                assert_eq!(won.map_or(default, |r| r.rule.effect), ex.effect);
+                assert_eq!(decision_reason(default, won), ex.reason);
+            }
+        }
+        assert_eq!(decide(&[], &facts("GET", "/")).map(|r| &r.rule.id), None);
     }
 
     #[test]

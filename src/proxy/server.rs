@@ -41,7 +41,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream, UnixListener};
 
 use super::config::ProxyConfig;
-use super::model::{evaluate, Effect, RequestFacts};
+use super::model::{decide, decision_reason, Effect, RequestFacts};
 use super::request::{
     gateway_path, path_is_clean, path_under_base, presented_key, strip_hop_by_hop,
     targets_for_host, upstream_request, UpstreamError,
@@ -937,8 +937,9 @@ impl Gateway {
                 Vec::new()
             };
         let query = req.uri().query().map(str::to_owned);
-        let explain = evaluate(
-            snap.proxy.default_effect,
+        // The decision only; the trace `evaluate` builds (a reason per rule)
+        // is for `keyseal proxy test`.
+        let winner = decide(
             &snap.rules,
             &RequestFacts {
                 method: req.method().as_str(),
@@ -947,14 +948,16 @@ impl Gateway {
                 query: query.as_deref(),
             },
         );
-        let rule_label = explain.rule.clone().unwrap_or_else(|| "default".into());
-        if explain.effect == Effect::Deny {
+        let effect = winner.map_or(snap.proxy.default_effect, |r| r.rule.effect);
+        let rule_id = winner.map(|r| r.rule.id.clone());
+        let rule_label = rule_id.as_deref().unwrap_or("default");
+        if effect == Effect::Deny {
             let mut resp = json(
                 StatusCode::FORBIDDEN,
                 serde_json::json!({
                     "error": "denied by the proxy's rules",
-                    "rule": explain.rule,
-                    "reason": explain.reason,
+                    "rule": rule_id,
+                    "reason": decision_reason(snap.proxy.default_effect, winner),
                 }),
             );
             if let Ok(v) = HeaderValue::from_str(&format!("deny; rule={rule_label}")) {
@@ -963,7 +966,7 @@ impl Gateway {
             return Err(Refusal {
                 resp: Box::new(resp),
                 decision: "deny",
-                rule: explain.rule,
+                rule: rule_id,
             });
         }
 
@@ -1064,7 +1067,7 @@ impl Gateway {
         drop(secret);
 
         // The decision is durable in the audit log before anything leaves.
-        self.audit_decision(ctx, "allow", None, explain.rule.as_deref())
+        self.audit_decision(ctx, "allow", None, rule_id.as_deref())
             .await?;
 
         // Send.
@@ -1125,6 +1128,7 @@ impl Gateway {
             ));
         }
         strip_hop_by_hop(&mut rparts.headers);
+        let rule_label = rule_id.as_deref().unwrap_or("default");
         if let Ok(v) = HeaderValue::from_str(&format!("allow; rule={rule_label}")) {
             rparts.headers.insert(DECISION_HEADER, v);
         }
@@ -1144,7 +1148,7 @@ impl Gateway {
             bytes_in: 0,
             bytes_out: 0,
             decision: "allow".into(),
-            rule: explain.rule,
+            rule: rule_id,
         };
         let start = ctx.start;
         let _ = mode;
