@@ -21,7 +21,9 @@
 //! To keep the state from growing without bound, valid names of the
 //! records a request may create are folded into small sets (invalid names
 //! are kept, so validation is still fuzzed), `max_versions` is capped at
-//! 16, a key with 8 versions is not rotated again, and a `ca_bundle` path
+//! 16, a key with 8 versions is not rotated again, a process rotates the
+//! root at most 64 times and issues or rotates at most 2048 API keys (later
+//! such inputs are skipped), and a `ca_bundle` path
 //! is replaced by the harness's own CA file (fuzz input must not make the
 //! harness read arbitrary files).
 //!
@@ -89,6 +91,21 @@ const PROXIES: &[&str] = &["p1", "p2", "p3"];
 const RULES: &[&str] = &["r1", "r2", "r3", "r4"];
 
 /// Every RPC, in the order of the first byte (the seeds rely on it).
+/// Root rotations per process: each adds a root version, and the root
+/// state lists every retired one, so unbounded rotation made a process
+/// slower and slower (half its time in `rotate_root` after thousands).
+const MAX_ROOT_ROTATIONS: u64 = 64;
+static ROOT_ROTATIONS: AtomicU64 = AtomicU64::new(0);
+/// API key issues and rotations (each makes a key record) per process:
+/// List and RevokeOwner scan every record.
+const MAX_API_KEYS: u64 = 2048;
+static API_KEYS_ISSUED: AtomicU64 = AtomicU64::new(0);
+
+/// Counts one more call against `budget`; false once it is spent.
+fn within(counter: &AtomicU64, budget: u64) -> bool {
+    counter.fetch_add(1, Ordering::Relaxed) < budget
+}
+
 const METHODS: &[&str] = &[
     "Secrets.Get",
     "Secrets.Put",
@@ -431,6 +448,7 @@ async fn call(h: &Harness, i: usize, b: &[u8]) -> Option<(Result<(), Status>, Op
             Err(e) => Err(e),
         },
         8 => unary!(h.system, status, dec!(pb::StatusRequest)),
+        9 if !within(&ROOT_ROTATIONS, MAX_ROOT_ROTATIONS) => return None,
         9 => match h
             .system
             .rotate_root(request(dec!(pb::RotateRootRequest)))
@@ -468,6 +486,7 @@ async fn call(h: &Harness, i: usize, b: &[u8]) -> Option<(Result<(), Status>, Op
             secret = secret_of(m.api_key.as_bytes());
             unary!(h.keys, mint_token, m)
         }
+        21 | 25 if !within(&API_KEYS_ISSUED, MAX_API_KEYS) => return None,
         21 => {
             let mut m = dec!(pb::IssueApiKeyRequest);
             fold(&mut m.owner, OWNERS, owner_name);
