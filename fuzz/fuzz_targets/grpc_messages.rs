@@ -90,7 +90,6 @@ const CREDS: &[&str] = &["c1", "c2", "c3"];
 const PROXIES: &[&str] = &["p1", "p2", "p3"];
 const RULES: &[&str] = &["r1", "r2", "r3", "r4"];
 
-/// Every RPC, in the order of the first byte (the seeds rely on it).
 /// Root rotations per process: each adds a root version, and the root
 /// state lists every retired one, so unbounded rotation made a process
 /// slower and slower (half its time in `rotate_root` after thousands).
@@ -106,6 +105,7 @@ fn within(counter: &AtomicU64, budget: u64) -> bool {
     counter.fetch_add(1, Ordering::Relaxed) < budget
 }
 
+/// Every RPC, in the order of the first byte (the seeds rely on it).
 const METHODS: &[&str] = &[
     "Secrets.Get",
     "Secrets.Put",

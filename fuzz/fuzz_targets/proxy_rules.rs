@@ -20,8 +20,8 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
 
 use keyseal::proxy::model::{
-    check_name, decide, decision_reason, evaluate, percent_decode, query_pairs, sort_rules, BaseUrl, CallerSelector,
-    CompiledRule, Condition, Effect, Injection, RequestFacts, Rule,
+    check_name, decide, decision_reason, evaluate, percent_decode, query_pairs, sort_rules,
+    BaseUrl, CallerSelector, CompiledRule, Condition, Effect, Injection, RequestFacts, Rule,
 };
 use keyseal::proxy::ssrf::{parse_numeric_host, refused_reason, split_host_port, Egress};
 use libfuzzer_sys::fuzz_target;

@@ -950,8 +950,8 @@ impl Gateway {
         );
         let effect = winner.map_or(snap.proxy.default_effect, |r| r.rule.effect);
         let rule_id = winner.map(|r| r.rule.id.clone());
-        let rule_label = rule_id.as_deref().unwrap_or("default");
         if effect == Effect::Deny {
+            let rule_label = rule_id.as_deref().unwrap_or("default");
             let mut resp = json(
                 StatusCode::FORBIDDEN,
                 serde_json::json!({
