@@ -80,14 +80,22 @@ pub struct TcpPeer {
     pub addr: SocketAddr,
     pub local: SocketAddr,
     owner: tokio::sync::OnceCell<Option<Arc<PeerIdentity>>>,
+    /// `addr` as text, and the actor `tcp:<addr>`: formatted once per
+    /// connection, not for every request on it (the audit event's `peer`
+    /// and key verification's caller).
+    addr_text: String,
+    actor: String,
 }
 
 impl TcpPeer {
     pub fn new(addr: SocketAddr, local: SocketAddr) -> TcpPeer {
+        let addr_text = addr.to_string();
         TcpPeer {
             addr,
             local,
             owner: tokio::sync::OnceCell::new(),
+            actor: format!("tcp:{addr_text}"),
+            addr_text,
         }
     }
 
@@ -546,7 +554,7 @@ impl Gateway {
             ev = ev.detail("status", st.to_string());
         }
         if let Some(t) = &ctx.tcp {
-            ev = ev.detail("peer", t.addr.to_string());
+            ev = ev.detail("peer", t.addr_text.clone());
         }
         match audit.append(ev).await {
             Ok(_) => Ok(()),
@@ -631,7 +639,7 @@ impl Gateway {
                 VerifyCaller {
                     uid: u32::MAX,
                     unit: None,
-                    actor: format!("tcp:{}", t.addr),
+                    actor: t.actor.clone(),
                 },
                 Some(t.addr.ip()),
             ),
