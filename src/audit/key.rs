@@ -26,6 +26,9 @@ pub const HASH_PREFIX: &str = "hmac-sha256:";
 /// as the API-key pepper is: every proxied request hashes its path, and
 /// computing those states per call (`hmac::Hmac::new_from_slice`) plus the
 /// portable SHA-256 was ~3% of keyseald's samples under gateway load.
+/// ring does not zeroize the key's states when it is dropped (neither
+/// the pepper's); this key lives as long as the audit log, i.e. the
+/// process, which is non-dumpable with core dumps off.
 #[derive(Clone)]
 pub struct AuditKey(ring::hmac::Key);
 

@@ -228,9 +228,10 @@ struct Queue {
     /// The writer waits with no deadline (the buffer was empty): the next
     /// entry must wake it.
     idle: bool,
-    /// Set on close; also when the writer thread has gone (then appends
-    /// are lost, with a warning, instead of blocking).
+    /// Set on close: the writer takes what is buffered and ends.
     stop: bool,
+    /// The writer thread has ended (closed or panicked): appends are lost,
+    /// with a warning, and syncs return, instead of waiting for it.
     gone: bool,
 }
 
@@ -580,14 +581,14 @@ impl Writer {
             let mut q = sh.queue.lock();
             Self::wait_for_work(&sh, &mut q);
             std::mem::swap(&mut batch, &mut q.entries);
-            let asked = q.sync_asked;
+            let asked = (q.sync_asked > q.sync_done).then_some(q.sync_asked);
             let stop = q.stop;
             drop(q);
             sh.drained.notify_all();
             if !batch.is_empty() {
                 self.write_batch(&mut batch);
             }
-            if asked > 0 {
+            if let Some(asked) = asked {
                 let mut q = sh.queue.lock();
                 q.sync_done = asked;
                 drop(q);
