@@ -1,6 +1,7 @@
 //! Root-device faults on the real `keyseald` binary (issue 7, "Hardware and
 //! disk faults"): swtpm killed and restarted, swtpm paused (a slow device)
-//! under concurrent load, the SoftHSM2 token hidden under the daemon, and
+//! under concurrent load and while signing, the SoftHSM2 token hidden under
+//! the daemon, and
 //! start-up faults against an initialised store. Figures go to stderr
 //! (`--nocapture`) and are recorded in docs/reliability.md.
 
@@ -475,6 +476,101 @@ fn swtpm_paused_under_concurrent_load() {
             );
         }
         put(&mut c, "load/after", b"x").await.unwrap();
+    });
+    assert_eq!(d.pid(), Some(pid));
+}
+
+/// Signing goes through keyseald's few device threads, not tokio's
+/// blocking pool: with swtpm paused, more concurrent Sign requests than
+/// there are device threads all answer by their deadline, the thread count
+/// stays put (queued jobs wait in a queue, not on threads of their own),
+/// and jobs that waited past their deadline are dropped rather than run
+/// once the TPM answers again, so signing works at once after SIGCONT.
+#[test]
+fn swtpm_paused_while_signing() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    const SIGNERS: usize = 24;
+    let mut d = TestDaemon::start(Backend::Tpm, ROOT_POLICY);
+    restart_with_api(
+        &mut d,
+        &format!("request_timeout_secs = {}", REQUEST_TIMEOUT.as_secs()),
+    );
+    let pid = d.pid().unwrap();
+    let tpm_pid = Pid::from_raw(swtpm(&mut d).pid() as i32);
+    let socket = d.socket.clone();
+    let rt = rt();
+    let sign = |c: Client| async move {
+        let mut c = c;
+        let t = Instant::now();
+        let r = tokio::time::timeout(
+            HANG,
+            c.keys.sign(pb::SignRequest {
+                name: "paused/k".into(),
+                input: Some(pb::sign_request::Input::Message(b"m".to_vec())),
+                hash: String::new(),
+            }),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("a Sign hung for {HANG:?}"));
+        (r.map(|r| r.into_inner().signature), t.elapsed())
+    };
+    rt.block_on(async {
+        let mut c = Client::connect(&socket).await.unwrap();
+        create_key(&mut c, "paused/k").await.unwrap();
+        let (r, _) = sign(c).await;
+        assert!(!r.unwrap().is_empty());
+    });
+    let (_, threads0) = rss_kib_and_threads(pid);
+    kill(tpm_pid, Signal::SIGSTOP).unwrap();
+    let (answers, threads_paused) = rt.block_on(async {
+        let mut tasks = Vec::new();
+        for _ in 0..SIGNERS {
+            let c = Client::connect(&socket).await.unwrap();
+            tasks.push(tokio::spawn(sign(c)));
+        }
+        tokio::time::sleep(REQUEST_TIMEOUT / 2).await;
+        let (_, threads_paused) = rss_kib_and_threads(pid);
+        let mut answers = Vec::new();
+        for t in tasks {
+            answers.push(t.await.unwrap());
+        }
+        (answers, threads_paused)
+    });
+    kill(tpm_pid, Signal::SIGCONT).unwrap();
+    let resumed = Instant::now();
+    for (r, took) in &answers {
+        let e = r
+            .as_ref()
+            .expect_err("a Sign succeeded while the TPM was paused");
+        assert!(
+            matches!(e.code(), Code::DeadlineExceeded | Code::Unavailable),
+            "unexpected answer {e:?}"
+        );
+        assert!(
+            *took < REQUEST_TIMEOUT + Duration::from_secs(2),
+            "a Sign took {took:?} (request timeout {REQUEST_TIMEOUT:?})"
+        );
+    }
+    eprintln!(
+        "swtpm paused under {SIGNERS} concurrent Sign requests: threads {threads0} before, {threads_paused} during"
+    );
+    assert!(
+        threads_paused < threads0 + SIGNERS as u64 / 2,
+        "keyseald grew from {threads0} to {threads_paused} threads for {SIGNERS} paused signs"
+    );
+    rt.block_on(async {
+        let c = Client::connect(&socket).await.unwrap();
+        let (r, took) = sign(c).await;
+        assert!(!r.expect("sign after SIGCONT").is_empty());
+        eprintln!(
+            "first Sign after SIGCONT answered in {took:?} ({:?} after SIGCONT)",
+            resumed.elapsed()
+        );
+        assert!(
+            took < REQUEST_TIMEOUT,
+            "the first Sign after SIGCONT took {took:?}"
+        );
     });
     assert_eq!(d.pid(), Some(pid));
 }

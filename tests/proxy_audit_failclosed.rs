@@ -151,6 +151,7 @@ fn unauditable_decisions_get_503_and_nothing_is_forwarded() {
             shutdown: stop_rx.clone(),
             proxies: proxies.clone(),
             audit: Some(audit.clone()),
+            device: Arc::new(keyseal::api::device::DevicePool::new(2).unwrap()),
         });
         let cfg = ProxyConfig {
             gateway_listen: Some(gw_addr),

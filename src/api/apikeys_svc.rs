@@ -100,9 +100,7 @@ impl ApiKeysService {
         match tokio::time::timeout(self.state.request_timeout, job).await {
             Ok(Ok(r)) => r.map_err(apikey_status),
             Ok(Err(_)) => Err(Status::internal("request worker failed")),
-            Err(_) => Err(Status::deadline_exceeded(
-                "the root device or store did not answer in time; retry later",
-            )),
+            Err(_) => Err(crate::api::timed_out()),
         }
     }
 }

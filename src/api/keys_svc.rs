@@ -163,6 +163,21 @@ impl KeysService {
             .await
     }
 
+    /// For signing: on the device threads ([`crate::api::device`]), which
+    /// keep no more calls in the device at once than it can use.
+    async fn keys_device<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&crate::keys::Keys) -> Result<T, KeysError> + Send + 'static,
+    ) -> Result<T, Status> {
+        let keys = self.state.keys.clone();
+        self.state
+            .device
+            .run(self.state.request_timeout, move || {
+                f(&keys).map_err(status_of_keys)
+            })
+            .await
+    }
+
     /// For key generation: RSA-3072 inside a TPM takes seconds, more under
     /// load, so it gets a longer bound than ordinary requests.
     async fn keys_slow<T: Send + 'static>(
@@ -268,7 +283,9 @@ impl KeysApi for KeysService {
             self.state
                 .authorize(&who, Capability::KeySign, name.as_str())?;
             let n = name.clone();
-            let (version, signature) = self.keys(move |k| k.sign(&n, input.as_input())).await?;
+            let (version, signature) = self
+                .keys_device(move |k| k.sign(&n, input.as_input()))
+                .await?;
             tracing::debug!(key = %name, version, "signed");
             Ok(Response::new(pb::SignResponse {
                 version,
@@ -470,7 +487,7 @@ impl KeysApi for KeysService {
             };
             let n = name.clone();
             let (token, kid) = self
-                .keys(move |k| {
+                .keys_device(move |k| {
                     let rec = k.get(&n)?;
                     Ok((k.mint_jwt(&n, &claims)?, kid(&rec.name, rec.current)))
                 })

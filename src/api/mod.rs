@@ -7,6 +7,7 @@
 
 pub mod apikeys_svc;
 pub mod audit_svc;
+pub mod device;
 pub mod keys_svc;
 pub mod proxy_svc;
 mod redact;
@@ -67,6 +68,8 @@ pub struct DaemonState {
     pub proxies: Arc<crate::proxy::ProxyStore>,
     /// The tamper-evident audit log; `None` only with `audit.unsafe_disable`.
     pub audit: Option<Arc<crate::audit::AuditLog>>,
+    /// Threads for short device calls (signing): see [`device`].
+    pub device: Arc<device::DevicePool>,
 }
 
 /// What an audited request is about, taken before the handler runs.
@@ -386,9 +389,7 @@ impl DaemonState {
         match tokio::time::timeout(self.request_timeout, job).await {
             Ok(Ok(r)) => r.map_err(status_of),
             Ok(Err(_)) => Err(Status::internal("request worker failed")),
-            Err(_) => Err(Status::deadline_exceeded(
-                "the root device or store did not answer in time; retry later",
-            )),
+            Err(_) => Err(timed_out()),
         }
     }
 }
@@ -415,11 +416,15 @@ impl DaemonState {
         match tokio::time::timeout(limit, job).await {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(Status::internal("request worker failed")),
-            Err(_) => Err(Status::deadline_exceeded(
-                "the root device or store did not answer in time; retry later",
-            )),
+            Err(_) => Err(timed_out()),
         }
     }
+}
+
+/// The answer when the root device or store did not answer within a
+/// request's bound.
+pub(crate) fn timed_out() -> Status {
+    Status::deadline_exceeded("the root device or store did not answer in time; retry later")
 }
 
 /// Maps a domain error to a gRPC status. Messages never contain values.

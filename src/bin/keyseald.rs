@@ -219,6 +219,15 @@ async fn run(
             Err(e) => return fail(exit::IO, format!("cannot open the audit log: {e}")),
         }
     };
+    let device = match keyseal::api::device::DevicePool::for_this_machine() {
+        Ok(d) => Arc::new(d),
+        Err(e) => {
+            return fail(
+                exit::FAILURE,
+                format!("cannot start the device threads: {e}"),
+            )
+        }
+    };
     let (events, _) = tokio::sync::broadcast::channel(1024);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let state = Arc::new(DaemonState {
@@ -233,6 +242,7 @@ async fn run(
         shutdown: stop_rx.clone(),
         proxies: proxies.clone(),
         audit: audit.clone(),
+        device,
     });
     state
         .audit_lifecycle(
