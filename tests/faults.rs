@@ -513,27 +513,34 @@ fn swtpm_paused_while_signing() {
         )
         .await
         .unwrap_or_else(|_| panic!("a Sign hung for {HANG:?}"));
-        (r.map(|r| r.into_inner().signature), t.elapsed())
+        (r.map(|r| r.into_inner().signature), t.elapsed(), c)
     };
-    rt.block_on(async {
+    // Connect every signer and sign once, one after another, before the
+    // pause: a connection's identity is looked up on a blocking thread at
+    // accept, and idle blocking threads linger, so connecting during the
+    // pause would count threads that have nothing to do with signing.
+    let clients = rt.block_on(async {
         let mut c = Client::connect(&socket).await.unwrap();
         create_key(&mut c, "paused/k").await.unwrap();
-        let (r, _) = sign(c).await;
-        assert!(!r.unwrap().is_empty());
+        let mut clients = Vec::new();
+        for _ in 0..SIGNERS {
+            let c = Client::connect(&socket).await.unwrap();
+            let (r, _, c) = sign(c).await;
+            assert!(!r.unwrap().is_empty());
+            clients.push(c);
+        }
+        clients
     });
     let (_, threads0) = rss_kib_and_threads(pid);
     kill(tpm_pid, Signal::SIGSTOP).unwrap();
     let (answers, threads_paused) = rt.block_on(async {
-        let mut tasks = Vec::new();
-        for _ in 0..SIGNERS {
-            let c = Client::connect(&socket).await.unwrap();
-            tasks.push(tokio::spawn(sign(c)));
-        }
+        let tasks: Vec<_> = clients.into_iter().map(|c| tokio::spawn(sign(c))).collect();
         tokio::time::sleep(REQUEST_TIMEOUT / 2).await;
         let (_, threads_paused) = rss_kib_and_threads(pid);
         let mut answers = Vec::new();
         for t in tasks {
-            answers.push(t.await.unwrap());
+            let (r, took, _) = t.await.unwrap();
+            answers.push((r, took));
         }
         (answers, threads_paused)
     });
@@ -561,7 +568,7 @@ fn swtpm_paused_while_signing() {
     );
     rt.block_on(async {
         let c = Client::connect(&socket).await.unwrap();
-        let (r, took) = sign(c).await;
+        let (r, took, _) = sign(c).await;
         assert!(!r.expect("sign after SIGCONT").is_empty());
         eprintln!(
             "first Sign after SIGCONT answered in {took:?} ({:?} after SIGCONT)",
