@@ -243,6 +243,7 @@ fn setup() -> Harness {
         shutdown: stop_rx,
         proxies,
         audit: Some(audit),
+        device: Arc::new(keyseal::api::device::DevicePool::new(2).unwrap()),
     });
     // A CA file for targets' `ca_bundle`.
     let ca_file = dir.path().join("ca.pem");
