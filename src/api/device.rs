@@ -28,7 +28,6 @@ const MAX_THREADS: usize = 16;
 /// The device threads; they end when the pool is dropped.
 pub struct DevicePool {
     tx: mpsc::Sender<Job>,
-    threads: usize,
 }
 
 impl DevicePool {
@@ -61,11 +60,7 @@ impl DevicePool {
                     }
                 })?;
         }
-        Ok(DevicePool { tx, threads })
-    }
-
-    pub fn threads(&self) -> usize {
-        self.threads
+        Ok(DevicePool { tx })
     }
 
     /// Runs `f` on a device thread with the request's deadline (`limit`
